@@ -1,0 +1,74 @@
+"""Text completion with a pretrained Llama model.
+
+torchrun --nproc_per_node N example_text_completion.py --ckpt_dir DIR --tokenizer_path DIR/tokenizer.model
+(or plain `python example_text_completion.py ...` for one process)
+"""
+
+from typing import List, Optional
+
+import fire
+
+from llama import Llama
+from llama.distributed import is_main_process
+from llama.results import save_results
+
+PROMPTS: List[str] = [
+    # Plain prompts: the model continues the text.
+    "I believe the meaning of life is",
+    "Simply put, the theory of relativity states that ",
+    """A brief message congratulating the team on the launch:
+
+        Hi everyone,
+
+        I just """,
+    # Few-shot prompt: examples first, then the case to complete.
+    """Translate English to French:
+
+        sea otter => loutre de mer
+        peppermint => menthe poivrée
+        plush girafe => girafe peluche
+        cheese =>""",
+]
+
+
+def main(
+    ckpt_dir: str,
+    tokenizer_path: str,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 128,
+    max_gen_len: int = 64,
+    max_batch_size: int = 4,
+    top_k: Optional[int] = None,
+    device: str = "auto",
+    dtype: Optional[str] = None,
+    seed: int = 1,
+    logprobs: bool = False,
+    output_json: Optional[str] = None,
+):
+    """Meta's flags, plus --top_k, --device (auto/cpu/cuda), --dtype (bf16/fp16/fp32), --seed,
+    --logprobs (print each token's log-probability) and --output_json PATH (save the results)."""
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+    )
+    results = generator.text_completion(
+        PROMPTS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, top_k=top_k,
+    )
+    for prompt, result in zip(PROMPTS, results):
+        print(prompt)
+        print(f"> {result['generation']}")
+        if logprobs:
+            print("  logprobs:", ", ".join(f"{t!r}:{lp:.3f}" for t, lp in zip(result["tokens"], result["logprobs"])))
+        print("\n==================================\n")
+    if output_json and is_main_process():
+        save_results(output_json, PROMPTS, results)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

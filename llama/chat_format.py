@@ -1,0 +1,128 @@
+"""Turn a chat dialog into prompt token ids, in each model family's layout."""
+
+from typing import List, Literal, Optional, Sequence, TypedDict, get_args
+
+from llama.tokenizer import Tokenizer
+
+Role = Literal["system", "user", "assistant", "ipython"]
+ROLES = get_args(Role)
+
+
+class Message(TypedDict):
+    role: Role
+    content: str
+
+
+Dialog = List[Message]
+
+
+def _check_messages(dialog: Sequence[Message]) -> None:
+    if not dialog:
+        raise ValueError("The dialog is empty; pass at least one message, e.g. [{'role': 'user', 'content': '...'}].")
+    for i, msg in enumerate(dialog):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise ValueError(f"Message {i} must be a dict with 'role' and 'content' keys, got {msg!r}.")
+        if msg["role"] not in ROLES:
+            raise ValueError(f"Message {i} has unknown role {msg['role']!r}; use one of {', '.join(ROLES)}.")
+        if not isinstance(msg["content"], str):
+            raise ValueError(f"Message {i} content must be a str, got {type(msg['content']).__name__}.")
+
+
+class ChatFormat:
+    """Base class; `ChatFormat.for_tokenizer(tok)` picks the layout for the model family."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    @staticmethod
+    def for_tokenizer(tokenizer: Tokenizer) -> "ChatFormat":
+        # The one place that maps tokenizer kind -> chat layout.
+        formats = {
+            "sentencepiece": Llama2ChatFormat,
+            "tiktoken": Llama3ChatFormat,
+        }
+        if tokenizer.kind not in formats:
+            raise ValueError(f"No chat format for a {tokenizer.kind!r} tokenizer; known kinds: {sorted(formats)}.")
+        return formats[tokenizer.kind](tokenizer)
+
+    def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
+        raise NotImplementedError
+
+    def refusal(self, dialog: Dialog) -> Optional[str]:
+        """Text to return as the reply instead of running this dialog, or None to run it."""
+        return None
+
+
+chat_format_for = ChatFormat.for_tokenizer
+
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
+UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
+
+
+class Llama2ChatFormat(ChatFormat):
+    """Llama 2 chat: [INST] ... [/INST] turns, each exchange framed by <s> ... </s>."""
+
+    def refusal(self, dialog: Dialog) -> Optional[str]:
+        # Llama 2 tags are plain text, so a user could forge turns with them;
+        # refuse this dialog only, so the rest of a batch still runs.
+        _check_messages(dialog)
+        if any(tag in msg["content"] for msg in dialog for tag in SPECIAL_TAGS):
+            return UNSAFE_ERROR
+        return None
+
+    def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
+        _check_messages(dialog)
+        messages = list(dialog)
+        if messages[0]["role"] == "system":
+            if len(messages) < 2:
+                raise ValueError("A Llama 2 dialog needs a user message after the system message.")
+            system, first = messages[0], messages[1]
+            merged = B_SYS + system["content"] + E_SYS + first["content"]
+            messages = [{"role": first["role"], "content": merged}] + messages[2:]
+
+        roles = [m["role"] for m in messages]
+        expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(roles))]
+        if roles != expected or roles[-1] != "user":
+            raise ValueError(
+                f"Llama 2 chat needs roles in the order: optional system, then user, assistant, user, ... "
+                f"ending with user; got {[m['role'] for m in dialog]}."
+            )
+
+        encode = self.tokenizer.encode
+        tokens: List[int] = []
+        for user, answer in zip(messages[::2], messages[1::2]):
+            text = f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} "
+            tokens += encode(text, bos=True, eos=True)
+        tokens += encode(f"{B_INST} {messages[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
+        return tokens
+
+
+class Llama3ChatFormat(ChatFormat):
+    """Llama 3 chat: header tokens around each role, <|eot_id|> after each message."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        super().__init__(tokenizer)
+        self.begin_of_text = tokenizer.token_id("<|begin_of_text|>")
+        self.start_header = tokenizer.token_id("<|start_header_id|>")
+        self.end_header = tokenizer.token_id("<|end_header_id|>")
+        self.eot = tokenizer.token_id("<|eot_id|>")
+
+    def _encode_header(self, role: str) -> List[int]:
+        encode = self.tokenizer.encode
+        return [self.start_header] + encode(role, bos=False, eos=False) + [self.end_header] + encode("\n\n", bos=False, eos=False)
+
+    def encode_message(self, message: Message) -> List[int]:
+        # encode() never yields special ids, so content spelling "<|eot_id|>" stays text.
+        content = self.tokenizer.encode(message["content"].strip(), bos=False, eos=False)
+        return self._encode_header(message["role"]) + content + [self.eot]
+
+    def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
+        _check_messages(dialog)
+        tokens = [self.begin_of_text]
+        for message in dialog:
+            tokens += self.encode_message(message)
+        # Open the assistant's turn for the model to complete.
+        return tokens + self._encode_header("assistant")

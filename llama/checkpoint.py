@@ -1,0 +1,243 @@
+"""Meta's consolidated checkpoint format: which tensor is split along which dim, reading shards
+safely, re-slicing k shards on disk into N ranks, and writing shards the way Meta splits them.
+
+The sharding table below is the single source of truth for every split and merge.
+"""
+
+import json
+import pickle
+import re
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .args import ModelArgs
+
+# Split dim of each tensor in the consolidated format: 0 for column-parallel layers (output
+# features), 1 for row-parallel ones (input features), None for replicated tensors.
+# tok_embeddings is absent: Llama 2 splits it along dim 1, Llama 3 along dim 0 (vocab).
+SPLIT_DIM: Dict[str, Optional[int]] = {
+    "attention.wq.weight": 0,
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w3.weight": 0,
+    "feed_forward.w2.weight": 1,
+    "attention_norm.weight": None,
+    "ffn_norm.weight": None,
+    "norm.weight": None,
+    "output.weight": 0,
+}
+KV_KEYS = ("attention.wk.weight", "attention.wv.weight")
+IGNORED_KEYS = {"rope.freqs"}  # old checkpoints store RoPE tables; we compute them
+SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth$")
+
+
+def _suffix(key: str) -> str:
+    return re.sub(r"^layers\.\d+\.", "", key)
+
+
+def expected_shapes(args: ModelArgs, tied: bool = False) -> Dict[str, Tuple[int, ...]]:
+    """Full (unsharded) shape of every tensor the model needs."""
+    hd, dim = args.head_dim, args.dim
+    per_layer = {
+        "attention.wq.weight": (args.n_heads * hd, dim),
+        "attention.wk.weight": (args.n_kv_heads * hd, dim),
+        "attention.wv.weight": (args.n_kv_heads * hd, dim),
+        "attention.wo.weight": (dim, args.n_heads * hd),
+        "feed_forward.w1.weight": (args.ffn_hidden_dim, dim),
+        "feed_forward.w3.weight": (args.ffn_hidden_dim, dim),
+        "feed_forward.w2.weight": (dim, args.ffn_hidden_dim),
+        "attention_norm.weight": (dim,),
+        "ffn_norm.weight": (dim,),
+    }
+    shapes = {"tok_embeddings.weight": (args.vocab_size, dim), "norm.weight": (dim,)}
+    if not tied:
+        shapes["output.weight"] = (args.vocab_size, dim)
+    for i in range(args.n_layers):
+        shapes.update({f"layers.{i}.{k}": v for k, v in per_layer.items()})
+    return shapes
+
+
+def check_world_size(args: ModelArgs, world: int) -> None:
+    """Raises unless the model's weights split evenly over `world` ranks."""
+    problems = []
+    if args.n_heads % world:
+        problems.append(f"n_heads={args.n_heads} is not divisible by {world}")
+    if args.n_kv_heads % world and world % args.n_kv_heads:
+        problems.append(f"n_kv_heads={args.n_kv_heads} neither divides nor is divisible by {world}")
+    if args.ffn_hidden_dim % world:
+        problems.append(f"the feed-forward width {args.ffn_hidden_dim} is not divisible by {world}")
+    if args.vocab_size % world:
+        problems.append(f"vocab_size={args.vocab_size} is not divisible by {world}")
+    if problems:
+        fits = [n for n in range(1, args.n_heads + 1) if args.n_heads % n == 0 and
+                (args.n_kv_heads % n == 0 or n % args.n_kv_heads == 0) and
+                args.ffn_hidden_dim % n == 0 and args.vocab_size % n == 0]
+        raise ValueError(
+            f"this model cannot be split across {world} ranks: {'; '.join(problems)}. "
+            f"Run with a rank count of {fits} (torchrun --nproc_per_node N)"
+        )
+
+
+def rank_slice(key: str, args: ModelArgs, rank: int, world: int,
+               embedding_split: str) -> Tuple[Optional[int], int, int]:
+    """(dim, start, end) of the full tensor that `rank` of `world` holds; dim None = all of it.
+    Also Meta's shard layout: shard s of k is rank_slice(key, args, s, k)."""
+    suffix = _suffix(key)
+    if suffix == "tok_embeddings.weight":
+        dim = 0 if embedding_split == "vocab" else 1
+    else:
+        dim = SPLIT_DIM[suffix]
+    if dim is None or world == 1:
+        return None, 0, 0
+    if suffix in KV_KEYS and world > args.n_kv_heads:
+        # More ranks than KV heads: rank r keeps the one KV head its query heads use.
+        head = rank // (world // args.n_kv_heads)
+        return 0, head * args.head_dim, (head + 1) * args.head_dim
+    size = expected_shapes(args)[key][dim] // world
+    return dim, rank * size, (rank + 1) * size
+
+
+def find_shards(ckpt_dir: Path) -> List[Path]:
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {ckpt_dir} does not exist; check --ckpt_dir")
+    found = {}
+    for path in ckpt_dir.glob("consolidated.*.pth"):
+        match = SHARD_NAME.search(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    if not found:
+        raise FileNotFoundError(
+            f"no consolidated.NN.pth shards in {ckpt_dir}; download the model (download.sh) "
+            f"or convert one (python -m llama.convert)"
+        )
+    missing = sorted(set(range(max(found) + 1)) - set(found))
+    if missing:
+        raise FileNotFoundError(
+            f"{ckpt_dir} is missing shards {['consolidated.%02d.pth' % i for i in missing]}; "
+            f"finish the download"
+        )
+    return [found[i] for i in sorted(found)]
+
+
+def open_shard(path: Path) -> Dict[str, torch.Tensor]:
+    """Memory-maps one shard. weights_only=True: a .pth is a pickle, and ours never runs its code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"refusing to load {path}: it holds Python objects other than tensors, and unpickling "
+            f"them could run code. Only plain tensor checkpoints are loaded ({e})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"cannot read {path}: the file is truncated or corrupt ({e}); download it again") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict of tensors; is it a Meta consolidated checkpoint?")
+    return state
+
+
+class ShardedCheckpoint:
+    """The k shards of one checkpoint, read lazily through mmap, addressed as full tensors."""
+
+    def __init__(self, ckpt_dir: Path, args: ModelArgs):
+        self.paths = find_shards(ckpt_dir)
+        self.shards = [open_shard(p) for p in self.paths]
+        self.args = args
+        first = self.shards[0]
+        self.tied = "output.weight" not in first
+        self.shapes = expected_shapes(args, tied=self.tied)
+        for key in sorted(set(self.shapes) - set(first)):
+            raise ValueError(f"{self.paths[0]} has no tensor '{key}'; params.json and the shards disagree")
+        extra = sorted(set(first) - set(self.shapes) - IGNORED_KEYS)
+        if extra:
+            warnings.warn(f"{ckpt_dir}: ignoring tensors the model does not use: {extra[:5]}", stacklevel=2)
+        self.disk_dim = {key: self._check_key(key) for key in self.shapes}
+
+    @property
+    def embedding_split_on_disk(self) -> Optional[str]:
+        dim = self.disk_dim["tok_embeddings.weight"]
+        return None if dim is None else ("vocab" if dim == 0 else "dim")
+
+    def _check_key(self, key: str) -> Optional[int]:
+        """Validates the shard shapes of `key` against params.json; returns the split dim on disk."""
+        full = self.shapes[key]
+        shapes = []
+        for path, shard in zip(self.paths, self.shards):
+            if key not in shard:
+                raise ValueError(f"{path} has no tensor '{key}'; the shards come from different models")
+            shapes.append(tuple(shard[key].shape))
+        k, shape = len(shapes), shapes[0]
+        if len(set(shapes)) == 1:
+            if shape == full and (k == 1 or SPLIT_DIM.get(_suffix(key), 0) is None):
+                return None
+            for dim in range(len(full)):
+                if any(shape[d] != full[d] for d in range(len(full)) if d != dim):
+                    continue
+                if shape[dim] * k == full[dim]:
+                    return dim
+                # More shards than KV heads: each shard holds one KV head, repeated.
+                if _suffix(key) in KV_KEYS and dim == 0 and full[0] % shape[0] == 0 and k % (full[0] // shape[0]) == 0:
+                    return dim
+        raise ValueError(
+            f"tensor '{key}' has shard shapes {shapes} in {self.paths[0].parent}, which do not fit the "
+            f"full shape {full} implied by params.json; params.json and the shards disagree"
+        )
+
+    def read(self, key: str, dim: Optional[int], start: int, end: int) -> torch.Tensor:
+        """Slice [start:end) along `dim` of the full tensor `key` (dim None: the whole tensor),
+        touching only the shard bytes that overlap it."""
+        disk = self.disk_dim[key]
+        pieces = [s[key] for s in self.shards]
+        if disk is None:
+            return pieces[0] if dim is None else pieces[0].narrow(dim, start, end - start)
+        per = pieces[0].shape[disk]
+        pieces = pieces[:: per * len(pieces) // self.shapes[key][disk]]  # drop repeated KV heads
+        if dim != disk:
+            if dim is not None:
+                pieces = [p.narrow(dim, start, end - start) for p in pieces]
+            return torch.cat(pieces, disk)
+        parts = []
+        for i, piece in enumerate(pieces):
+            lo, hi = max(start, i * per), min(end, (i + 1) * per)
+            if lo < hi:
+                parts.append(piece.narrow(dim, lo - i * per, hi - lo))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def load_rank_weights(ckpt: ShardedCheckpoint, rank: int, world: int, embedding_split: str,
+                      device: torch.device, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """This rank's slice of every weight, converted straight into its final device and dtype."""
+    state = {}
+    keys = list(ckpt.shapes) + (["output.weight"] if ckpt.tied else [])
+    for key in keys:
+        source = "tok_embeddings.weight" if key == "output.weight" and ckpt.tied else key
+        dim, start, end = rank_slice(key, ckpt.args, rank, world, embedding_split)
+        piece = ckpt.read(source, dim, start, end)
+        out = torch.empty(piece.shape, dtype=dtype, device=device)
+        out.copy_(piece)
+        state[key] = out
+    return state
+
+
+def save_consolidated(state: Dict[str, torch.Tensor], params: dict, out_dir: Path, num_shards: int,
+                      embedding_split: str = "vocab") -> None:
+    """Writes full tensors as Meta's params.json + consolidated.NN.pth, split as Meta splits them
+    (embedding_split "dim" for Llama 2 style, "vocab" for Llama 3 style)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = ModelArgs.from_dict({**params, "vocab_size": state["tok_embeddings.weight"].shape[0]})
+    check_world_size(args, num_shards)
+    (out_dir / "params.json").write_text(json.dumps(params, indent=2))
+    for shard in range(num_shards):
+        part = {}
+        for key, tensor in state.items():
+            dim, start, end = rank_slice(key, args, shard, num_shards, embedding_split)
+            part[key] = tensor.clone() if dim is None else tensor.narrow(dim, start, end - start).clone()
+        torch.save(part, out_dir / f"consolidated.{shard:02d}.pth")
+

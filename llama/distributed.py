@@ -1,0 +1,102 @@
+"""Process group, device choice and model-parallel setup. Works under torchrun (one or several
+nodes) and as a plain single process."""
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from fairscale.nn.model_parallel.initialize import (
+    get_model_parallel_rank,
+    get_model_parallel_world_size,
+    initialize_model_parallel,
+    model_parallel_is_initialized,
+)
+
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+@dataclass
+class Placement:
+    device: torch.device
+    dtype: torch.dtype
+    rank: int  # rank within the model-parallel group: which slice of the weights this process holds
+    world_size: int  # model-parallel size
+
+
+def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for but no CUDA GPU is visible; use device='cpu'")
+        if device.index is None:  # under torchrun, each local rank takes its own GPU
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {device}; use 'auto', 'cuda', 'cuda:N' or 'cpu'")
+    return device
+
+
+def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> torch.dtype:
+    """None/"auto": bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."""
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; use bf16, fp16 or fp32")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
+    return DTYPES[dtype]
+
+
+def init_model_parallel(device: torch.device, model_parallel_size: Optional[int],
+                        timeout: timedelta = timedelta(minutes=10)) -> None:
+    """Joins (or creates) the process group and fairscale's model-parallel groups."""
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # launched by torchrun
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # a plain `python script.py`: a group of one, no ports or env vars needed
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    world = dist.get_world_size()
+    if model_parallel_size is None:
+        model_parallel_size = world
+    if model_parallel_size < 1 or world % model_parallel_size:
+        raise ValueError(
+            f"model_parallel_size={model_parallel_size} must divide the number of processes ({world}); "
+            f"leave it unset to use all {world}"
+        )
+    if not model_parallel_is_initialized():
+        initialize_model_parallel(model_parallel_size)
+    elif get_model_parallel_world_size() != model_parallel_size:
+        raise ValueError(
+            f"model parallel is already initialised with size {get_model_parallel_world_size()}, "
+            f"not {model_parallel_size}"
+        )
+
+
+def placement(device: torch.device, dtype: torch.dtype) -> Placement:
+    return Placement(device, dtype, get_model_parallel_rank(), get_model_parallel_world_size())
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def silence_other_ranks() -> None:
+    """Only global rank 0 prints; the others would repeat the same lines."""
+    if not is_main_process():
+        sys.stdout = open(os.devnull, "w")

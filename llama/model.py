@@ -1,0 +1,210 @@
+"""The Llama transformer: RMSNorm, RoPE (with Llama 3.1 scaling), grouped-query attention with a
+static KV cache, SwiGLU. Large weights live in fairscale's model-parallel layers, so each rank
+holds its slice; which slice is decided in checkpoint.py.
+
+Every sequence in a batch carries its own position, so prompts of different lengths are prefilled
+together and then advance one token per step, each at its own place in the cache.
+"""
+
+import math
+from contextlib import contextmanager
+from typing import Iterator, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .args import ModelArgs
+
+
+class _AllocateOnMeta(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs:
+            kwargs["device"] = torch.device("meta")
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def skeleton() -> Iterator[None]:
+    """Builds modules whose parameters take no memory. `with torch.device("meta")` alone is not
+    enough: fairscale allocates with the legacy torch.Tensor(n, m), which ignores it."""
+    with _AllocateOnMeta():
+        yield
+
+
+def _keep(x: torch.Tensor) -> torch.Tensor:
+    # fairscale's layers want an init function; weights come from the checkpoint instead.
+    return x
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like Meta's code, so bf16/fp16 runs stay close to fp32.
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Per-pair rotation speeds, with Llama 3.1's long-context rescaling when asked for."""
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    if not args.use_scaled_rope:
+        return freqs.float()
+    # Llama 3.1: slow (long-wavelength) pairs are slowed by the factor, fast ones kept, a smooth
+    # blend between. Low/high frequency factors and the original context are fixed by Meta.
+    factor, low_freq_factor, high_freq_factor, original_context = args.rope_scaling_factor, 1.0, 4.0, 8192
+    wavelen = 2 * math.pi / freqs
+    smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    scaled = torch.where(wavelen > original_context / low_freq_factor, freqs / factor, blended)
+    scaled = torch.where(wavelen < original_context / high_freq_factor, freqs, scaled)
+    return scaled.float()
+
+
+def rope_tables(args: ModelArgs, length: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), rope_frequencies(args))
+    return angles.cos().to(device), angles.sin().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates pairs (2i, 2i+1) of the last dim, as Meta's complex-number form does.
+    x: (batch, seq, heads, head_dim); cos/sin: (batch, seq, head_dim // 2)."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        world = get_model_parallel_world_size()
+        self.head_dim = args.head_dim
+        self.n_local_heads = args.n_heads // world
+        # With more ranks than KV heads, each rank keeps one (replicated) KV head.
+        self.n_local_kv_heads = max(args.n_kv_heads // world, 1)
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False,
+                                       gather_output=False, init_method=_keep)
+        kv_features = self.n_local_kv_heads * world * self.head_dim
+        self.wk = ColumnParallelLinear(args.dim, kv_features, bias=False, gather_output=False, init_method=_keep)
+        self.wv = ColumnParallelLinear(args.dim, kv_features, bias=False, gather_output=False, init_method=_keep)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False,
+                                    input_is_parallel=True, init_method=_keep)
+        self.cache_k: Optional[torch.Tensor] = None
+        self.cache_v: Optional[torch.Tensor] = None
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        # (batch, kv_heads, position, head_dim): the layout scaled_dot_product_attention reads directly.
+        shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
+        self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
+        self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(batch, seq, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(batch, seq, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        # Write this step's keys/values at each sequence's own positions.
+        rows = torch.arange(batch, device=x.device).unsqueeze(1)
+        self.cache_k[rows, :, positions] = k
+        self.cache_v[rows, :, positions] = v
+        kv_len = mask.shape[-1]
+        keys = self.cache_k[:batch, :, :kv_len]
+        values = self.cache_v[:batch, :, :kv_len]
+
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask,
+            enable_gqa=self.n_local_heads != self.n_local_kv_heads,
+        )
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, positions, cos, sin, mask):
+        h = x + self.attention(self.attention_norm(x), positions, cos, sin, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, params: ModelArgs, embedding_split: str = "vocab"):
+        """embedding_split: "vocab" (VocabParallelEmbedding, Llama 3 style) or "dim"
+        (ParallelEmbedding, Llama 2 style)."""
+        super().__init__()
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+        embedding = VocabParallelEmbedding if embedding_split == "vocab" else ParallelEmbedding
+        self.tok_embeddings = embedding(params.vocab_size, params.dim, init_method=_keep)
+        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_keep)
+        self.rope_cos: Optional[torch.Tensor] = None
+        self.rope_sin: Optional[torch.Tensor] = None
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Allocates the KV cache and RoPE tables once the weights are real."""
+        device, dtype = self.norm.weight.device, self.norm.weight.dtype
+        self.rope_cos, self.rope_sin = rope_tables(self.params, max_seq_len, device)
+        for layer in self.layers:
+            layer.attention.setup_cache(max_batch_size, max_seq_len, device, dtype)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos, last_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens: (batch, seq). start_pos: an int, or a (batch,) tensor giving each row's position
+        of tokens[:, 0]. Keys/values are written to the cache at those positions, and each query
+        attends to its own row's cache up to its position.
+
+        Returns float logits (batch, seq, vocab), or (batch, vocab) taken at tokens[:, last_index]
+        when last_index (batch,) is given, which skips the vocab projection everywhere else."""
+        batch, seq = tokens.shape
+        if not isinstance(start_pos, torch.Tensor):
+            start_pos = torch.full((batch,), int(start_pos), dtype=torch.long)
+        start_pos = start_pos.to(tokens.device)
+        positions = start_pos.unsqueeze(1) + torch.arange(seq, device=tokens.device)  # (batch, seq)
+        kv_len = int(positions.max()) + 1
+        key_positions = torch.arange(kv_len, device=tokens.device)
+        mask = (key_positions <= positions.unsqueeze(-1)).unsqueeze(1)  # (batch, 1, seq, kv_len)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, positions, cos, sin, mask)
+        if last_index is not None:
+            h = h[torch.arange(batch, device=h.device), last_index.to(h.device)]
+        return self.output(self.norm(h)).float()

@@ -1,0 +1,284 @@
+"""Tokenizers for Llama 2 (SentencePiece) and Llama 3 (tiktoken BPE).
+
+`Tokenizer(path)` looks at the file's content and returns the matching
+subclass, so callers never need to know which model family they hold.
+"""
+
+import base64
+import os
+import re
+from pathlib import Path
+from typing import Dict, Iterator, List, Sequence, Union
+
+import sentencepiece
+import tiktoken
+
+PathLike = Union[str, os.PathLike]
+
+# The first line of a tiktoken BPE file: "<base64 token> <rank>".
+_TIKTOKEN_FIRST_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+(?:\r?\n|$)")
+# A serialized SentencePiece ModelProto starts with field 1 (`pieces`),
+# which protobuf writes as tag byte 0x0A (field 1, length-delimited).
+_SENTENCEPIECE_FIRST_BYTE = b"\x0a"
+
+
+def _check_file(path: Path) -> None:
+    hint = "pass --tokenizer_path pointing at the model's tokenizer.model"
+    if path.is_dir():
+        raise FileNotFoundError(f"Tokenizer path {path} is a directory, not a file; {hint} (inside that directory).")
+    if not path.is_file():
+        raise FileNotFoundError(f"Tokenizer file not found: {path}; {hint}.")
+
+
+def _check_text(s: object) -> None:
+    # SentencePiece would silently batch-encode a list, so check up front.
+    if not isinstance(s, str):
+        raise TypeError(f"encode() takes a str, got {type(s).__name__}.")
+
+
+def detect_tokenizer_kind(model_path: PathLike) -> str:
+    """Return "tiktoken" or "sentencepiece" for the file at `model_path`.
+
+    Detection uses the content, not the name: both families call the file
+    `tokenizer.model`. A new kind (e.g. Hugging Face `tokenizer.json`,
+    which starts with "{") only needs a branch here and an entry in
+    `_TOKENIZER_CLASSES`.
+    """
+    path = Path(model_path)
+    _check_file(path)
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    if _TIKTOKEN_FIRST_LINE.match(head):
+        return "tiktoken"
+    if head.startswith(_SENTENCEPIECE_FIRST_BYTE):
+        return "sentencepiece"
+    raise ValueError(
+        f"{path} is not a tokenizer this runner can read: expected a Llama 3 tiktoken BPE file "
+        f"(lines of '<base64 token> <rank>') or a Llama 2 SentencePiece model. "
+        f"Pass --tokenizer_path pointing at the model's tokenizer.model."
+    )
+
+
+class Tokenizer:
+    """Common interface; `Tokenizer(path)` builds the subclass that fits the file."""
+
+    kind: str
+    n_words: int
+    bos_id: int
+    eos_id: int
+    pad_id: int  # -1 when the model has no pad token
+    stop_tokens: List[int]
+    special_tokens: Dict[str, int]
+
+    def __new__(cls, *args, **kwargs):
+        if cls is Tokenizer:
+            cls = _TOKENIZER_CLASSES[detect_tokenizer_kind(*args, **kwargs)]
+        # Python then calls cls.__init__ with the same arguments.
+        return super().__new__(cls)
+
+    def encode(self, s: str, *, bos: bool, eos: bool) -> List[int]:
+        raise NotImplementedError
+
+    def decode(self, t: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def decode_bytes(self, t: Sequence[int]) -> bytes:
+        """Raw bytes of the tokens; may end in the middle of a UTF-8 character.
+
+        For any prefix `t[:k]`, `decode_bytes(t[:k])` is a prefix of
+        `decode_bytes(t)`, so a streamer can hold back incomplete characters.
+        """
+        raise NotImplementedError
+
+    def token_id(self, special_name: str) -> int:
+        try:
+            return self.special_tokens[special_name]
+        except KeyError:
+            raise ValueError(
+                f"{special_name!r} is not a special token of this {self.kind} tokenizer; "
+                f"known special tokens include {sorted(self.special_tokens)[:8]}."
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kind={self.kind!r}, n_words={self.n_words})"
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """Llama 2 tokenizer: a SentencePiece model with byte fallback."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_path: PathLike):
+        path = Path(model_path)
+        _check_file(path)
+        self.model = sentencepiece.SentencePieceProcessor()
+        try:
+            self.model.Load(str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(
+                f"{path} could not be loaded as a SentencePiece model ({e}). "
+                f"Pass --tokenizer_path pointing at the model's tokenizer.model."
+            ) from e
+        self.n_words = self.model.vocab_size()
+        self.bos_id = self.model.bos_id()
+        self.eos_id = self.model.eos_id()
+        self.pad_id = self.model.pad_id()
+        self.stop_tokens = [self.eos_id]
+        self.special_tokens = {
+            self.model.id_to_piece(i): i
+            for i in range(self.n_words)
+            if self.model.is_control(i) or self.model.is_unknown(i)
+        }
+        # Precompute each id's bytes for decode_bytes.
+        self._piece_bytes = [self._bytes_of(i) for i in range(self.n_words)]
+
+    def _bytes_of(self, i: int) -> bytes:
+        if self.model.is_control(i):
+            return b""  # decode() drops <s>, </s>
+        if self.model.is_byte(i):
+            return bytes([int(self.model.id_to_piece(i)[3:5], 16)])  # "<0xNN>"
+        if self.model.is_unknown(i):
+            return self.model.decode([i]).encode("utf-8")
+        return self.model.id_to_piece(i).replace("\u2581", " ").encode("utf-8")
+
+    def encode(self, s: str, *, bos: bool, eos: bool) -> List[int]:
+        _check_text(s)
+        ids = self.model.encode(s)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, t: Sequence[int]) -> str:
+        return self.model.decode([int(x) for x in t])
+
+    def decode_bytes(self, t: Sequence[int]) -> bytes:
+        out = b"".join(self._piece_bytes[int(x)] for x in t)
+        # Like decode(): the dummy-prefix space that encode adds before the
+        # text is dropped again at the very start of the output.
+        if out.startswith(b" ") and self._first_piece_has_prefix_space(t):
+            out = out[1:]
+        return out
+
+    def _first_piece_has_prefix_space(self, t: Sequence[int]) -> bool:
+        for x in t:
+            if self.model.is_control(int(x)):
+                continue
+            # A byte-fallback <0x20> is a literal space, not the prefix marker.
+            return not self.model.is_byte(int(x)) and self.model.id_to_piece(int(x)).startswith("\u2581")
+        return False
+
+
+# Llama 3 pre-tokenization pattern (from Meta's Llama 3 tokenizer).
+_LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_NUM_SPECIAL = 256
+# Llama 3.1 layout; ids start right after the base vocab (128000).
+_LLAMA3_NAMED_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",  # end of message (tool call follows)
+    "<|eot_id|>",  # end of turn
+    "<|python_tag|>",
+]
+
+# tiktoken gets slow (or fails) on huge inputs and on very long runs of
+# whitespace or non-whitespace, so encode in bounded pieces.
+TIKTOKEN_MAX_ENCODE_CHARS = 400_000
+MAX_RUN_CHARS = 25_000
+_RUNS = re.compile(r"\s+|\S+")
+
+
+def _split_long_runs(s: str, max_run: int) -> Iterator[str]:
+    """Yield consecutive pieces of `s` with no run of whitespace (or of
+    non-whitespace) longer than `max_run` characters inside one piece."""
+    start = 0
+    for m in _RUNS.finditer(s):
+        for cut in range(m.start() + max_run, m.end(), max_run):
+            yield s[start:cut]
+            start = cut
+    yield s[start:]
+
+
+def _read_tiktoken_ranks(path: Path) -> Dict[bytes, int]:
+    # Parsed here rather than with tiktoken.load.load_tiktoken_bpe: that
+    # function copies even local files into a cache keyed by the path
+    # string, so a different file later placed at the same path would be
+    # ignored in favour of the stale copy.
+    ranks: Dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError as e:
+                raise ValueError(
+                    f"{path}:{lineno} is not a '<base64 token> <rank>' line; the tiktoken file may be "
+                    f"truncated or corrupt. Pass --tokenizer_path pointing at the model's tokenizer.model."
+                ) from e
+    return ranks
+
+
+class TiktokenTokenizer(Tokenizer):
+    """Llama 3 / 3.x tokenizer: tiktoken BPE plus 256 special tokens."""
+
+    kind = "tiktoken"
+
+    def __init__(self, model_path: PathLike):
+        path = Path(model_path)
+        _check_file(path)
+        ranks = _read_tiktoken_ranks(path)
+        n_base = len(ranks)
+        names = _LLAMA3_NAMED_SPECIALS + [
+            f"<|reserved_special_token_{i}|>"
+            for i in range(2, 2 + _LLAMA3_NUM_SPECIAL - len(_LLAMA3_NAMED_SPECIALS))
+        ]
+        self.special_tokens = {name: n_base + i for i, name in enumerate(names)}
+        self.model = tiktoken.Encoding(
+            name=path.name,
+            pat_str=_LLAMA3_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens=self.special_tokens,
+        )
+        self.n_words = self.model.n_vocab
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+        # The base model has no pad token; <|finetune_right_pad_id|> is still
+        # reachable through token_id().
+        self.pad_id = -1
+        self.stop_tokens = [
+            self.eos_id,
+            self.special_tokens["<|eom_id|>"],
+            self.special_tokens["<|eot_id|>"],
+        ]
+
+    def encode(self, s: str, *, bos: bool, eos: bool) -> List[int]:
+        _check_text(s)
+        ids: List[int] = [self.bos_id] if bos else []
+        for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
+            for piece in _split_long_runs(s[i : i + TIKTOKEN_MAX_ENCODE_CHARS], MAX_RUN_CHARS):
+                # encode_ordinary == encode(allowed_special=set(), disallowed_special=()):
+                # text that spells "<|eot_id|>" stays plain text, never the special id.
+                ids.extend(self.model.encode_ordinary(piece))
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, t: Sequence[int]) -> str:
+        return self.model.decode([int(x) for x in t])
+
+    def decode_bytes(self, t: Sequence[int]) -> bytes:
+        return self.model.decode_bytes([int(x) for x in t])
+
+
+_TOKENIZER_CLASSES = {
+    "sentencepiece": SentencePieceTokenizer,
+    "tiktoken": TiktokenTokenizer,
+}

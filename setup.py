@@ -1,0 +1,22 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+requirements = [line.strip() for line in (here / "requirements.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+
+setup(
+    name="llama",
+    version="0.1.0",
+    description="Distributed Llama 2 / Llama 3.x inference on torchrun ranks, GPU and CPU",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["llama", "llama.*"]),
+    python_requires=">=3.10",
+    install_requires=requirements,
+    extras_require={
+        # llama-models ships Meta's real Llama 3 tokenizer, used by the tests.
+        "test": ["pytest>=7", "llama-models==0.3.0"],
+    },
+)
