@@ -1,14 +1,11 @@
 """Shared fixtures: tokenizers and tiny random checkpoints in Meta's consolidated format."""
 
-import shutil
 from pathlib import Path
 from typing import Dict
 
 import pytest
-import torch
 
-from llama.args import ModelArgs
-from llama.checkpoint import expected_shapes, save_consolidated
+from llama.random_model import write_random_checkpoint as write_checkpoint
 
 from .tokenizer_files import llama3_tokenizer_path as _llama3_tokenizer_path
 from .tokenizer_files import make_sentencepiece_model
@@ -32,29 +29,6 @@ def sp_tokenizer_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama3_tokenizer_path() -> Path:
     return _llama3_tokenizer_path()
-
-
-def random_weights(params: dict, vocab_size: int, tied: bool, seed: int = 0) -> Dict[str, torch.Tensor]:
-    """Random full tensors, scaled so logits spread out (greedy choices are not near-ties)."""
-    args = ModelArgs.from_dict({**params, "vocab_size": vocab_size})
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in expected_shapes(args, tied=tied).items():
-        if len(shape) == 1:
-            state[key] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
-        elif key == "tok_embeddings.weight":
-            state[key] = torch.randn(shape, generator=gen)
-        else:
-            state[key] = torch.randn(shape, generator=gen) * (2.0 / shape[1] ** 0.5)
-    return state
-
-
-def write_checkpoint(out_dir: Path, params: dict, tokenizer_path: Path, vocab_size: int, shards: int,
-                     tied: bool = False, embedding_split: str = "vocab", seed: int = 0) -> Path:
-    state = random_weights(params, vocab_size, tied, seed)
-    save_consolidated(state, params, out_dir, shards, embedding_split)
-    shutil.copy(tokenizer_path, out_dir / "tokenizer.model")
-    return out_dir
 
 
 def _sp_vocab(path: Path) -> int:
