@@ -51,6 +51,12 @@ class ModelArgs:
                 raise ValueError(f"params.json: '{name}' must be a positive integer, got {value!r}")
         if not isinstance(self.vocab_size, int) or (self.vocab_size <= 0 and self.vocab_size != -1):
             raise ValueError(f"params.json: 'vocab_size' must be a positive integer or -1, got {self.vocab_size!r}")
+        for name in ("norm_eps", "rope_theta", "rope_scaling_factor", "ffn_dim_multiplier"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise ValueError(f"params.json: '{name}' must be a number, got {value!r}")
+        if not isinstance(self.use_scaled_rope, bool):
+            raise ValueError(f"params.json: 'use_scaled_rope' must be true or false, got {self.use_scaled_rope!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"params.json: dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:
@@ -102,6 +108,8 @@ class ModelArgs:
 
 def load_params(ckpt_dir: Path, **overrides: Any) -> ModelArgs:
     """Reads and validates ckpt_dir/params.json."""
+    if not Path(ckpt_dir).is_dir():
+        raise FileNotFoundError(f"checkpoint folder {ckpt_dir} does not exist; check --ckpt_dir")
     path = Path(ckpt_dir) / "params.json"
     if not path.is_file():
         raise FileNotFoundError(
