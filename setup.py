@@ -6,6 +6,8 @@ here = Path(__file__).parent
 requirements = [line.strip() for line in (here / "requirements.txt").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
 
+CONVERT = ["gguf>=0.16", "safetensors>=0.4", "tqdm>=4.60"]
+
 setup(
     name="llama",
     version="0.1.0",
@@ -16,7 +18,12 @@ setup(
     python_requires=">=3.10",
     install_requires=requirements,
     extras_require={
-        # llama-models ships Meta's real Llama 3 tokenizer, used by the tests.
-        "test": ["pytest>=7", "llama-models==0.3.0"],
+        # python -m llama.convert: GGUF files, safetensors folders, a progress bar.
+        "convert": CONVERT,
+        # llama-models ships Meta's real Llama 3 tokenizer, used by the tests; transformers (with
+        # accelerate for its GGUF loading) is the reference the converter is checked against.
+        # pexpect drives the interactive chat through a pseudo-terminal.
+        "test": ["pytest>=7", "llama-models==0.3.0", *CONVERT, "transformers>=4.46", "accelerate>=0.26",
+                 "pexpect>=4.8"],
     },
 )

