@@ -7,9 +7,11 @@ torchrun --nproc_per_node N example_text_completion.py --ckpt_dir DIR --tokenize
 from typing import List, Optional
 
 import fire
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from llama import Llama
 from llama.distributed import is_main_process
+from llama.lockstep import DEFAULT_TIMEOUT
 from llama.results import save_results
 
 PROMPTS: List[str] = [
@@ -31,6 +33,7 @@ PROMPTS: List[str] = [
 ]
 
 
+@record  # under torchrun, a rank's error and traceback appear in the launcher's failure summary
 def main(
     ckpt_dir: str,
     tokenizer_path: str,
@@ -45,9 +48,11 @@ def main(
     seed: int = 1,
     logprobs: bool = False,
     output_json: Optional[str] = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ):
     """Meta's flags, plus --top_k, --device (auto/cpu/cuda), --dtype (bf16/fp16/fp32), --seed,
-    --logprobs (print each token's log-probability) and --output_json PATH (save the results)."""
+    --logprobs (print each token's log-probability), --output_json PATH (save the results) and
+    --timeout SECONDS (when a rank fails, the others exit within about this time)."""
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -56,6 +61,7 @@ def main(
         seed=seed,
         device=device,
         dtype=dtype,
+        timeout=timeout,
     )
     results = generator.text_completion(
         PROMPTS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, top_k=top_k,

@@ -2,9 +2,9 @@
 
 from .args import ModelArgs
 from .chat_format import ChatFormat, Dialog, Message
-from .generation import ChatPrediction, CompletionPrediction, Llama
+from .generation import ChatPrediction, CompletionPrediction, Llama, StreamPiece
 from .model import Transformer
 from .tokenizer import Tokenizer
 
 __all__ = ["ChatFormat", "ChatPrediction", "CompletionPrediction", "Dialog", "Llama", "Message",
-           "ModelArgs", "Tokenizer", "Transformer"]
+           "ModelArgs", "StreamPiece", "Tokenizer", "Transformer"]

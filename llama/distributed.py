@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 from fairscale.nn.model_parallel.initialize import (
     get_model_parallel_rank,
     get_model_parallel_world_size,
@@ -34,7 +35,10 @@ class Placement:
 def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's message lists every backend it knows, not what we run on
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cuda', 'cuda:N' or 'cpu'") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked for but no CUDA GPU is visible; use device='cpu'")
@@ -62,7 +66,8 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
 
 def init_model_parallel(device: torch.device, model_parallel_size: Optional[int],
                         timeout: timedelta = timedelta(minutes=10)) -> None:
-    """Joins (or creates) the process group and fairscale's model-parallel groups."""
+    """Joins (or creates) the process group and fairscale's model-parallel groups. A collective
+    that waits longer than `timeout` for the other ranks raises."""
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # launched by torchrun
@@ -80,7 +85,14 @@ def init_model_parallel(device: torch.device, model_parallel_size: Optional[int]
             f"leave it unset to use all {world}"
         )
     if not model_parallel_is_initialized():
-        initialize_model_parallel(model_parallel_size)
+        # fairscale's new_group() calls pass no timeout, so torch would give its groups the 30-minute
+        # default rather than ours: lend them ours while they are made.
+        default = c10d.default_pg_timeout, c10d.default_pg_nccl_timeout
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+        try:
+            initialize_model_parallel(model_parallel_size)
+        finally:
+            c10d.default_pg_timeout, c10d.default_pg_nccl_timeout = default
     elif get_model_parallel_world_size() != model_parallel_size:
         raise ValueError(
             f"model parallel is already initialised with size {get_model_parallel_world_size()}, "

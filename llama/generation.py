@@ -1,13 +1,15 @@
 """Llama: build a model on this rank, then generate, complete text and chat.
 
 Names, arguments, defaults and returned structures follow Meta's reference repositories; the
-additions (top_k, device, dtype) are keyword-only and default to Meta's behaviour.
+additions (top_k, stop, device, dtype, timeout) are keyword-only and default to Meta's behaviour.
+stream_text_completion / stream_chat_completion hand out the same text as it is generated.
 """
 
 import dataclasses
 import time
+from datetime import timedelta
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +18,11 @@ from .args import load_params
 from .chat_format import ChatFormat, Dialog, Message
 from .checkpoint import ShardedCheckpoint, check_world_size, load_rank_weights
 from .distributed import init_model_parallel, placement, resolve_device, resolve_dtype, silence_other_ranks
+from .lockstep import (DEFAULT_TIMEOUT, check_same_inputs, check_timeout, fault_point, start_watchdog,
+                       wait_for_all_ranks)
 from .model import Transformer, skeleton
 from .sampling import check_sampling, sample_next
+from .streaming import TextStream, check_stop, invalid_utf8_errors
 from .tokenizer import Tokenizer
 
 
@@ -31,6 +36,25 @@ class ChatPrediction(TypedDict, total=False):
     generation: Message
     tokens: List[str]  # present when logprobs=True
     logprobs: List[float]  # present when logprobs=True
+
+
+class StreamPiece(TypedDict):
+    """What stream_text_completion / stream_chat_completion yield: new text of one sequence.
+
+    index: which prompt or dialog, as its position in the list passed in.
+    text: the text that follows all earlier pieces of the same index. Joined, they are that
+        input's "generation" (text) or reply "content" (chat). Never ends in half a character.
+    finish_reason: None while the sequence goes on. Its last piece (whose text may be "") says why
+        it ended: "stop_token" (the model's end of text or turn), "stop_string" (one of `stop`
+        appeared), "length" (max_gen_len or max_seq_len reached) or "refused" (a Llama 2 dialog
+        holding special tags: text is the refusal).
+    result: None until that last piece, which carries what text_completion / chat_completion
+        return for this input (with "tokens" and "logprobs" when logprobs=True)."""
+
+    index: int
+    text: str
+    finish_reason: Optional[str]
+    result: Optional[dict]
 
 
 def _positive_int(name: str, value) -> None:
@@ -50,6 +74,7 @@ class Llama:
         *,
         device: Union[str, torch.device] = "auto",
         dtype: Union[None, str, torch.dtype] = None,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> "Llama":
         """Loads this rank's slice of the checkpoint in `ckpt_dir` (params.json + consolidated.NN.pth)
         and the tokenizer. Under torchrun every rank calls this; model_parallel_size defaults to the
@@ -58,23 +83,31 @@ class Llama:
 
         device: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N".
         dtype: None/"auto" (bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU),
-        "bf16", "fp16" or "fp32"."""
+        "bf16", "fp16" or "fp32".
+        timeout: seconds a rank waits for the others before it gives up: on a collective step, and
+        on a rank that stopped responding (default 120). When any rank fails, in build or later,
+        the others exit within about that time, naming the failed rank (see llama/lockstep.py)."""
         _positive_int("max_seq_len", max_seq_len)
         _positive_int("max_batch_size", max_batch_size)
+        timeout = check_timeout(timeout)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        # Join the other ranks first, so that whatever fails below is reported to them.
+        init_model_parallel(device, model_parallel_size, timedelta(seconds=timeout))
+        start_watchdog(timeout)
+        silence_other_ranks()
         tokenizer = Tokenizer(tokenizer_path)
         args = load_params(Path(ckpt_dir), max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         if args.vocab_size == -1:
             args = dataclasses.replace(args, vocab_size=tokenizer.n_words)
-        elif args.vocab_size != tokenizer.n_words:
+        elif args.vocab_size != tokenizer.n_words and not (
+                # Hugging Face models often pad the embedding past the tokenizer (to a round size).
+                tokenizer.kind == "huggingface" and args.vocab_size > tokenizer.n_words):
             raise ValueError(
                 f"params.json says vocab_size={args.vocab_size} but the tokenizer {tokenizer_path} has "
                 f"{tokenizer.n_words} tokens; pass the tokenizer that belongs to this checkpoint"
             )
 
-        init_model_parallel(device, model_parallel_size)
-        silence_other_ranks()
         torch.manual_seed(seed)
         start = time.time()
         where = placement(device, dtype)
@@ -89,6 +122,8 @@ class Llama:
         model.load_state_dict(weights, strict=True, assign=True)
         model.setup_caches(max_batch_size, max_seq_len)
         model.eval()
+        fault_point("build")
+        wait_for_all_ranks()  # loading can take much longer on some ranks than the collective timeout
         print(f"Loaded in {time.time() - start:.2f} seconds")
         return Llama(model, tokenizer, seed=seed)
 
@@ -99,8 +134,8 @@ class Llama:
         self.device = model.norm.weight.device
         # Every rank seeds its own generator identically, so all ranks sample the same tokens.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._utf8_errors = invalid_utf8_errors(tokenizer)  # for streamed text to match decode()
 
-    @torch.inference_mode()
     def generate(
         self,
         prompt_tokens: List[List[int]],
@@ -120,26 +155,23 @@ class Llama:
         temperature 0 is greedy; top_p keeps the smallest set of likely tokens reaching p; top_k
         (keyword-only, None or 0 = off) keeps the k most likely. More prompts than max_batch_size
         run in consecutive batches."""
-        params = self.model.params
-        check_sampling(temperature, top_p, top_k)
-        if max_gen_len is None:
-            max_gen_len = params.max_seq_len - 1
-        if not isinstance(max_gen_len, int) or max_gen_len < 0:
-            raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
-        self._check_prompts(prompt_tokens)
-        out_tokens, out_logprobs = [], []
-        for first in range(0, len(prompt_tokens), params.max_batch_size):
-            batch = prompt_tokens[first:first + params.max_batch_size]
-            tokens, lps = self._generate_batch(batch, max_gen_len, temperature, top_p, top_k, logprobs, echo)
-            out_tokens += tokens
-            out_logprobs += lps
-        return out_tokens, (out_logprobs if logprobs else None)
+        check_same_inputs("generate() arguments", (prompt_tokens, max_gen_len, temperature, top_p, logprobs,
+                                                   echo, top_k), self.device)
+        seqs = self._sequences(prompt_tokens, max_gen_len, temperature, top_p, top_k, echo)
+        for _ in self._decode(seqs, temperature, top_p, top_k, logprobs, echo):
+            pass
+        return ([s.output_tokens(echo) for s in seqs],
+                [s.output_logprobs(echo) for s in seqs] if logprobs else None)
 
     def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]) -> None:
         params = self.model.params
         if not isinstance(prompt_tokens, (list, tuple)) or len(prompt_tokens) == 0:
             raise ValueError("no prompts given: pass a non-empty list of prompts")
         for i, tokens in enumerate(prompt_tokens):
+            if not isinstance(tokens, (list, tuple)) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+                raise ValueError(f"prompt {i} must be a list of int token ids (tokenizer.encode's output), "
+                                 f"got {str(tokens)[:80]}")
             if len(tokens) == 0:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
             if len(tokens) > params.max_seq_len:
@@ -150,58 +182,74 @@ class Llama:
             if min(tokens) < 0 or max(tokens) >= params.vocab_size:
                 raise ValueError(f"prompt {i} holds token ids outside [0, {params.vocab_size})")
 
-    def _generate_batch(self, prompts, max_gen_len, temperature, top_p, top_k, want_logprobs, echo):
+    def _sequences(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, echo, stop: Sequence[str] = (),
+                   watch_text: bool = False, indices: Optional[List[int]] = None) -> List["_Sequence"]:
+        """Checks the arguments and sets up one _Sequence per prompt. watch_text: follow each
+        sequence's text as it grows (streaming, stop strings)."""
+        params = self.model.params
+        check_sampling(temperature, top_p, top_k)
+        if max_gen_len is None:
+            max_gen_len = params.max_seq_len - 1
+        if not isinstance(max_gen_len, int) or max_gen_len < 0:
+            raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
+        self._check_prompts(prompt_tokens)
+        seqs = []
+        for i, prompt in enumerate(prompt_tokens):
+            text = None
+            if watch_text:
+                text = TextStream(self.tokenizer, stop, prefix=prompt if echo else (), errors=self._utf8_errors)
+            budget = min(max_gen_len, params.max_seq_len - len(prompt))  # new tokens it may add
+            seqs.append(_Sequence(i if indices is None else indices[i], list(prompt), budget, text))
+        return seqs
+
+    def _decode(self, seqs: List["_Sequence"], temperature, top_p, top_k, want_logprobs: bool,
+                echo: bool) -> Iterator[List["_Sequence"]]:
+        """The decoding loop that generate, the completions and their streams all run: batches of at
+        most max_batch_size sequences, one after another. Yields the current batch after every
+        step (each unfinished sequence has one more token, or has ended) and once when it is done."""
+        batch_size = self.model.params.max_batch_size
+        for first in range(0, len(seqs), batch_size):
+            yield from self._decode_batch(seqs[first:first + batch_size], temperature, top_p, top_k,
+                                          want_logprobs, echo)
+
+    @torch.inference_mode()
+    def _decode_batch(self, seqs: List["_Sequence"], temperature, top_p, top_k, want_logprobs, echo):
         max_seq_len = self.model.params.max_seq_len
-        lengths = [len(p) for p in prompts]
-        budgets = [min(max_gen_len, max_seq_len - n) for n in lengths]  # new tokens each row may add
-        tokens = torch.zeros((len(prompts), max(lengths)), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        lengths = [len(s.prompt) for s in seqs]
+        tokens = torch.zeros((len(seqs), max(lengths)), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            tokens[row, :len(s.prompt)] = torch.tensor(s.prompt, dtype=torch.long)
         tokens = tokens.to(self.device)
         last_index = torch.tensor(lengths, device=self.device) - 1
 
         # Prefill every prompt at once; right padding is never attended by real tokens.
-        prompt_logprobs = None
         if want_logprobs and echo:
             logits = self.model(tokens, 0)
             prompt_logprobs = _token_logprobs(logits[:, :-1], tokens[:, 1:]).tolist()
-            last = logits[torch.arange(len(prompts)), last_index]
+            for s, lps in zip(seqs, prompt_logprobs):
+                s.prompt_logprobs = [0.0] + lps[:len(s.prompt) - 1]
+            last = logits[torch.arange(len(seqs)), last_index]
         else:
             last = self.model(tokens, 0, last_index=last_index)
 
-        generated: List[List[int]] = [[] for _ in prompts]
-        gen_logprobs: List[List[float]] = [[] for _ in prompts]
-        done = [budget == 0 for budget in budgets]
         stop_tokens = set(self.tokenizer.stop_tokens)
-        while not all(done):
+        while not all(s.done for s in seqs):
+            fault_point("step")
             next_tokens = sample_next(last, temperature, top_p, top_k, self.generator)
             chosen = next_tokens.tolist()
-            chosen_logprobs = _token_logprobs(last, next_tokens).tolist() if want_logprobs else None
-            for row, token in enumerate(chosen):
-                if done[row]:
-                    continue
-                if token in stop_tokens:
-                    done[row] = True
-                    continue
-                generated[row].append(token)
-                if want_logprobs:
-                    gen_logprobs[row].append(chosen_logprobs[row])
-                done[row] = len(generated[row]) == budgets[row]
-            if all(done):
+            chosen_logprobs = _token_logprobs(last, next_tokens).tolist() if want_logprobs else [None] * len(seqs)
+            for s, token, logprob in zip(seqs, chosen, chosen_logprobs):
+                if not s.done:
+                    s.add(token, logprob, stop_tokens)
+            yield seqs
+            if all(s.done for s in seqs):
                 break
             # Each row feeds its newest token at its own position; finished rows idle in place.
-            positions = [min(n + len(g) - 1, max_seq_len - 1) for n, g in zip(lengths, generated)]
-            feed = [g[-1] if g else p[-1] for g, p in zip(generated, prompts)]
+            positions = [min(n + len(s.tokens) - 1, max_seq_len - 1) for n, s in zip(lengths, seqs)]
+            feed = [s.tokens[-1] if s.tokens else s.prompt[-1] for s in seqs]
             last = self.model(torch.tensor(feed, device=self.device).unsqueeze(1),
-                              torch.tensor(positions), last_index=torch.zeros(len(prompts), dtype=torch.long))
-
-        out_tokens, out_logprobs = [], []
-        for row, prompt in enumerate(prompts):
-            out_tokens.append((list(prompt) if echo else []) + generated[row])
-            if want_logprobs:
-                prefix = [0.0] + prompt_logprobs[row][:len(prompt) - 1] if echo else []
-                out_logprobs.append(prefix + gen_logprobs[row])
-        return out_tokens, out_logprobs
+                              torch.tensor(positions), last_index=torch.zeros(len(seqs), dtype=torch.long))
+        yield seqs
 
     def text_completion(
         self,
@@ -213,19 +261,58 @@ class Llama:
         echo: bool = False,
         *,
         top_k: Optional[int] = None,
+        stop: Optional[List[str]] = None,
     ) -> List[CompletionPrediction]:
         """Completes each prompt string. Returns one {"generation": str} per prompt, in order, plus
         "tokens" (each token's text) and "logprobs" when logprobs=True. max_gen_len defaults to
-        max_seq_len - 1."""
+        max_seq_len - 1.
+
+        stop (keyword-only): strings that end a sequence as soon as its generated text contains one;
+        "generation" then ends just before the first of them, while "tokens" and "logprobs" run up
+        to and including the token that completed it. Other sequences go on."""
+        seqs = self._text_sequences(prompts, temperature, top_p, max_gen_len, logprobs, echo, top_k, stop, False)
+        for _ in self._decode(seqs, temperature, top_p, top_k, logprobs, echo):
+            pass
+        return [self._completion(s, logprobs, echo) for s in seqs]
+
+    def stream_text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+        *,
+        top_k: Optional[int] = None,
+        stop: Optional[List[str]] = None,
+    ) -> Iterator[StreamPiece]:
+        """text_completion, handed out as it is generated: yields StreamPiece dicts (index, text,
+        finish_reason, result) in the order the text appears; see StreamPiece. With the same
+        arguments and seed, the pieces of each index join to text_completion's "generation", and
+        its last piece's "result" is text_completion's result for that prompt.
+
+        The arguments are checked at once; generation runs while the iterator is consumed. Under
+        torchrun every rank must consume the stream the same way (all of it, or stop at the same
+        piece), as with any collective step."""
+        seqs = self._text_sequences(prompts, temperature, top_p, max_gen_len, logprobs, echo, top_k, stop, True)
+        return self._stream(seqs, [], temperature, top_p, top_k, logprobs, echo,
+                            lambda s: self._completion(s, logprobs, echo))
+
+    def _text_sequences(self, prompts, temperature, top_p, max_gen_len, logprobs, echo, top_k, stop, stream):
+        check_same_inputs("text_completion() arguments", (prompts, temperature, top_p, max_gen_len, logprobs, echo,
+                                                          top_k, stop), self.device)
+        if isinstance(prompts, str):
+            raise ValueError(f"prompts must be a list of strings, got one string; pass [{prompts!r}]")
         if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
             raise ValueError("no prompts given: pass a non-empty list of strings")
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str) or prompt == "":
                 raise ValueError(f"prompt {i} must be a non-empty string, got {prompt!r}")
+        stops = check_stop(stop)
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, top_k=top_k)
-        return [self._prediction(self.tokenizer.decode(t), t, lps[i] if logprobs else None)
-                for i, t in enumerate(tokens)]
+        return self._sequences(prompt_tokens, max_gen_len, temperature, top_p, top_k, echo, stops,
+                               watch_text=stream or bool(stops))
 
     def chat_completion(
         self,
@@ -236,24 +323,81 @@ class Llama:
         logprobs: bool = False,
         *,
         top_k: Optional[int] = None,
+        stop: Optional[List[str]] = None,
     ) -> List[ChatPrediction]:
         """Answers each dialog (a list of {"role", "content"} messages ending with a user turn) in the
         model's chat format. Returns one {"generation": {"role": "assistant", "content": str}} per
-        dialog, plus "tokens" and "logprobs" when logprobs=True."""
+        dialog, plus "tokens" and "logprobs" when logprobs=True. stop: as in text_completion."""
+        refusals, seqs = self._chat_sequences(dialogs, temperature, top_p, max_gen_len, logprobs, top_k, stop, False)
+        results: List[ChatPrediction] = [
+            self._prediction(refusal, [], [] if logprobs else None, chat=True) for refusal in refusals]
+        for _ in self._decode(seqs, temperature, top_p, top_k, logprobs, False):
+            pass
+        for s in seqs:
+            results[s.index] = self._completion(s, logprobs, echo=False, chat=True)
+        return results
+
+    def stream_chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        *,
+        top_k: Optional[int] = None,
+        stop: Optional[List[str]] = None,
+    ) -> Iterator[StreamPiece]:
+        """chat_completion, handed out as it is generated, like stream_text_completion: the pieces
+        of each index join to the reply's "content". A refused dialog (Llama 2 special tags) gets
+        one piece with the refusal text and finish_reason "refused", before any other."""
+        refusals, seqs = self._chat_sequences(dialogs, temperature, top_p, max_gen_len, logprobs, top_k, stop, True)
+        refused = [StreamPiece(index=i, text=refusal, finish_reason="refused",
+                               result=self._prediction(refusal, [], [] if logprobs else None, chat=True))
+                   for i, refusal in enumerate(refusals) if refusal is not None]
+        return self._stream(seqs, refused, temperature, top_p, top_k, logprobs, False,
+                            lambda s: self._completion(s, logprobs, echo=False, chat=True))
+
+    def _chat_sequences(self, dialogs, temperature, top_p, max_gen_len, logprobs, top_k, stop, stream):
+        """The refusal text of each dialog (None for those that run) and the sequences to run."""
+        check_same_inputs("chat_completion() arguments", (dialogs, temperature, top_p, max_gen_len, logprobs,
+                                                          top_k, stop), self.device)
         if not isinstance(dialogs, (list, tuple)) or len(dialogs) == 0:
             raise ValueError("no dialogs given: pass a non-empty list of dialogs")
+        if isinstance(dialogs[0], dict):
+            raise ValueError("dialogs must be a list of dialogs, each a list of messages; got one dialog: pass [dialog]")
+        stops = check_stop(stop)
         refusals = [self.formatter.refusal(d) for d in dialogs]
         encoded = [self.formatter.encode_dialog_prompt(d) for d in dialogs]
         to_run = [i for i, refusal in enumerate(refusals) if refusal is None]
-        results: List[ChatPrediction] = [
-            self._prediction(refusal, [], [] if logprobs else None, chat=True) for refusal in refusals]
-        if to_run:
-            tokens, lps = self.generate([encoded[i] for i in to_run], max_gen_len, temperature, top_p,
-                                        logprobs, top_k=top_k)
-            for j, i in enumerate(to_run):
-                results[i] = self._prediction(self.tokenizer.decode(tokens[j]), tokens[j],
-                                              lps[j] if logprobs else None, chat=True)
-        return results
+        if not to_run:
+            return refusals, []
+        seqs = self._sequences([encoded[i] for i in to_run], max_gen_len, temperature, top_p, top_k, False, stops,
+                               watch_text=stream or bool(stops), indices=to_run)
+        return refusals, seqs
+
+    def _stream(self, seqs, first_pieces, temperature, top_p, top_k, logprobs, echo,
+                result_of) -> Iterator[StreamPiece]:
+        """Runs the decoding loop, handing out each sequence's newly settled text after every step;
+        result_of(sequence) gives the result carried by a sequence's last piece."""
+        yield from first_pieces
+        ended = set()
+        for batch in self._decode(seqs, temperature, top_p, top_k, logprobs, echo):
+            for s in batch:
+                if s.index in ended:
+                    continue
+                text = s.text.take()
+                if s.done:
+                    ended.add(s.index)
+                    yield StreamPiece(index=s.index, text=text, finish_reason=s.finish_reason, result=result_of(s))
+                elif text:
+                    yield StreamPiece(index=s.index, text=text, finish_reason=None, result=None)
+
+    def _completion(self, s: "_Sequence", logprobs: bool, echo: bool, chat: bool = False):
+        """What text_completion / chat_completion return for one finished sequence."""
+        tokens = s.output_tokens(echo)
+        text = s.text.text if s.finish_reason == "stop_string" else self.tokenizer.decode(tokens)
+        return self._prediction(text, tokens, s.output_logprobs(echo) if logprobs else None, chat)
 
     def _prediction(self, text, tokens, logprobs, chat: bool = False):
         result = {"generation": {"role": "assistant", "content": text} if chat else text}
@@ -262,6 +406,49 @@ class Llama:
             result["logprobs"] = logprobs
         return result
 
+
+class _Sequence:
+    """One prompt's way through the decoding loop: the tokens (and their logprobs) generated so
+    far, why it ended, and, when its text is watched, a TextStream of it."""
+
+    def __init__(self, index: int, prompt: List[int], budget: int, text: Optional[TextStream]):
+        self.index = index  # position of its prompt or dialog in the caller's list
+        self.prompt = prompt
+        self.budget = budget  # new tokens it may add: max_gen_len, or fewer near max_seq_len
+        self.tokens: List[int] = []
+        self.logprobs: List[float] = []
+        self.prompt_logprobs: List[float] = []  # filled when echo and logprobs
+        self.text = text
+        self.finish_reason: Optional[str] = None
+        if budget == 0:
+            self._finish("length")
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, token: int, logprob: Optional[float], stop_tokens) -> None:
+        if token in stop_tokens:  # a stop token ends the sequence and is not part of it
+            self._finish("stop_token")
+            return
+        self.tokens.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        if self.text is not None and self.text.push(token):
+            self._finish("stop_string")
+        elif len(self.tokens) == self.budget:
+            self._finish("length")
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        if self.text is not None:
+            self.text.close()
+
+    def output_tokens(self, echo: bool) -> List[int]:
+        return (self.prompt if echo else []) + self.tokens
+
+    def output_logprobs(self, echo: bool) -> List[float]:
+        return (self.prompt_logprobs if echo else []) + self.logprobs
 
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(token) under the raw (untempered) logits, as Meta reports it."""

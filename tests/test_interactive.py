@@ -1,0 +1,96 @@
+"""example_chat_completion.py --interactive on 2 ranks (torchrun, CPU): rank 0 reads the user's
+turns, every rank answers in lockstep, the answer streams out; /reset, /exit and Ctrl-D."""
+
+import re
+import subprocess
+import time
+
+import pexpect
+import pytest
+
+from llama import Llama
+
+from .launch import REPO, example_args, processes_tagged, tagged_env, torchrun
+
+SYSTEM = "be brief"
+MAX_SEQ_LEN, MAX_GEN_LEN = 64, 8
+
+
+def chat_command(ckpt, *extra):
+    return torchrun("example_chat_completion.py", *example_args(
+        ckpt, "--interactive", "--system", SYSTEM, "--temperature", "0", "--max_seq_len", str(MAX_SEQ_LEN),
+        "--max_gen_len", str(MAX_GEN_LEN), "--timeout", "20", *extra))
+
+
+@pytest.fixture(scope="module")
+def reference(llama31_ckpts) -> Llama:
+    """The same model on one rank, in this process: what the answers should be."""
+    ckpt = llama31_ckpts[1]
+    return Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=MAX_SEQ_LEN, max_batch_size=1)
+
+
+def expected_answers(reference: Llama, turns):
+    """Greedy answers to each turn, the history trimmed as the example promises: oldest
+    exchanges dropped (system message kept) until the prompt leaves MAX_GEN_LEN tokens free."""
+    system = [{"role": "system", "content": SYSTEM}]
+    history, answers, trimmed = [], [], 0
+    for turn in turns:
+        if turn == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": turn})
+        while len(reference.formatter.encode_dialog_prompt(system + history)) > MAX_SEQ_LEN - MAX_GEN_LEN:
+            history, trimmed = history[2:], trimmed + 1
+        answer = reference.chat_completion([system + history], temperature=0, max_gen_len=MAX_GEN_LEN)[0]
+        answers.append(answer["generation"]["content"])
+        history.append(answer["generation"])
+    return answers, trimmed
+
+
+def test_chat_through_a_pipe_keeps_history_trims_it_and_resets(llama31_ckpts, reference):
+    turns = ["hello there", "tell me about the sea", "and the mountains?", "and the sky?", "/reset", "hi again"]
+    env = tagged_env()
+    proc = subprocess.run(chat_command(llama31_ckpts[2]), input=("\n".join(turns) + "\n").encode(), cwd=REPO,
+                          env=env, capture_output=True, timeout=180)
+    stdout = proc.stdout.decode()  # bytes: text mode would turn a generated "\r" into "\n"
+    assert proc.returncode == 0, stdout[-3000:] + proc.stderr.decode()[-3000:]  # end of input = Ctrl-D
+    answers, trimmed = expected_answers(reference, turns)
+    assert trimmed > 0, "the turns should overflow max_seq_len, to check the trimming"
+    shown = re.findall(r"Assistant: (.*?)\n\nUser: ", stdout, flags=re.S)
+    assert shown == answers
+    assert stdout.count("oldest exchange") == trimmed  # the visible notice
+    assert "[conversation cleared]" in stdout
+    assert processes_tagged(env) == []
+
+
+def test_exit_command_ends_every_rank(llama31_ckpts):
+    env = tagged_env()
+    proc = subprocess.run(chat_command(llama31_ckpts[2]), input="hello\n/exit\nnot read\n", cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("Assistant: ") == 1
+    assert processes_tagged(env) == []
+
+
+def test_chat_in_a_terminal_ends_on_ctrl_d(llama31_ckpts):
+    """A pseudo-terminal, as a user at a keyboard: streamed answer, /reset, then Ctrl-D."""
+    env = tagged_env()
+    command = chat_command(llama31_ckpts[2])
+    child = pexpect.spawn(command[0], command[1:], cwd=str(REPO), env=env, encoding="utf-8", timeout=120)
+    try:
+        child.expect_exact("User: ")
+        child.sendline("hello there")
+        child.expect_exact("Assistant: ")
+        child.expect_exact("User: ")
+        child.sendline("/reset")
+        child.expect_exact("[conversation cleared]")
+        child.expect_exact("User: ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before
+    deadline = time.monotonic() + 10
+    while processes_tagged(env) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_tagged(env) == []
