@@ -224,13 +224,13 @@ class Llama:
 
         # Prefill every prompt at once; right padding is never attended by real tokens.
         if want_logprobs and echo:
-            logits = self.model(tokens, 0)
+            logits = self.model(tokens, 0, kv_len=max(lengths))
             prompt_logprobs = _token_logprobs(logits[:, :-1], tokens[:, 1:]).tolist()
             for s, lps in zip(seqs, prompt_logprobs):
                 s.prompt_logprobs = [0.0] + lps[:len(s.prompt) - 1]
             last = logits[torch.arange(len(seqs)), last_index]
         else:
-            last = self.model(tokens, 0, last_index=last_index)
+            last = self.model(tokens, 0, last_index=last_index, kv_len=max(lengths))
 
         stop_tokens = set(self.tokenizer.stop_tokens)
         while not all(s.done for s in seqs):
@@ -247,8 +247,8 @@ class Llama:
             # Each row feeds its newest token at its own position; finished rows idle in place.
             positions = [min(n + len(s.tokens) - 1, max_seq_len - 1) for n, s in zip(lengths, seqs)]
             feed = [s.tokens[-1] if s.tokens else s.prompt[-1] for s in seqs]
-            last = self.model(torch.tensor(feed, device=self.device).unsqueeze(1),
-                              torch.tensor(positions), last_index=torch.zeros(len(seqs), dtype=torch.long))
+            last = self.model(torch.tensor(feed, device=self.device).unsqueeze(1), torch.tensor(positions),
+                              last_index=torch.zeros(len(seqs), dtype=torch.long), kv_len=max(positions) + 1)
         yield seqs
 
     def text_completion(

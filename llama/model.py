@@ -185,19 +185,23 @@ class Transformer(nn.Module):
             layer.attention.setup_cache(max_batch_size, max_seq_len, device, dtype)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos, last_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos, last_index: Optional[torch.Tensor] = None,
+                kv_len: Optional[int] = None) -> torch.Tensor:
         """tokens: (batch, seq). start_pos: an int, or a (batch,) tensor giving each row's position
         of tokens[:, 0]. Keys/values are written to the cache at those positions, and each query
         attends to its own row's cache up to its position.
 
         Returns float logits (batch, seq, vocab), or (batch, vocab) taken at tokens[:, last_index]
-        when last_index (batch,) is given, which skips the vocab projection everywhere else."""
+        when last_index (batch,) is given, which skips the vocab projection everywhere else.
+        kv_len: how many cache positions to attend over (> every position in this call); a caller
+        that knows it avoids reading positions back from the device."""
         batch, seq = tokens.shape
         if not isinstance(start_pos, torch.Tensor):
             start_pos = torch.full((batch,), int(start_pos), dtype=torch.long)
         start_pos = start_pos.to(tokens.device)
         positions = start_pos.unsqueeze(1) + torch.arange(seq, device=tokens.device)  # (batch, seq)
-        kv_len = int(positions.max()) + 1
+        if kv_len is None:
+            kv_len = int(positions.max()) + 1
         key_positions = torch.arange(kv_len, device=tokens.device)
         mask = (key_positions <= positions.unsqueeze(-1)).unsqueeze(1)  # (batch, 1, seq, kv_len)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
