@@ -5,6 +5,7 @@ The sharding table below is the single source of truth for every split and merge
 """
 
 import ctypes
+import dataclasses
 import ctypes.util
 import json
 import mmap
@@ -69,6 +70,13 @@ def expected_shapes(args: ModelArgs, tied: bool = False) -> Dict[str, Tuple[int,
     return shapes
 
 
+def _full_shape(key: str, args: ModelArgs) -> Tuple[int, ...]:
+    """expected_shapes(args)[key] without building the table for every layer."""
+    if key in ("tok_embeddings.weight", "output.weight", "norm.weight"):
+        return expected_shapes(args)[key]
+    return expected_shapes(dataclasses.replace(args, n_layers=1))["layers.0." + _suffix(key)]
+
+
 def check_world_size(args: ModelArgs, world: int) -> None:
     """Raises unless the model's weights split evenly over `world` ranks."""
     problems = []
@@ -105,7 +113,7 @@ def rank_slice(key: str, args: ModelArgs, rank: int, world: int,
         # More ranks than KV heads: rank r keeps the one KV head its query heads use.
         head = rank // (world // args.n_kv_heads)
         return 0, head * args.head_dim, (head + 1) * args.head_dim
-    size = expected_shapes(args)[key][dim] // world
+    size = _full_shape(key, args)[dim] // world
     return dim, rank * size, (rank + 1) * size
 
 
