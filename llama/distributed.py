@@ -1,6 +1,7 @@
 """Process group, device choice and model-parallel setup. Works under torchrun (one or several
 nodes) and as a plain single process."""
 
+import atexit
 import os
 import sys
 from dataclasses import dataclass
@@ -76,6 +77,9 @@ def init_model_parallel(device: torch.device, model_parallel_size: Optional[int]
             dist.init_process_group(backend, timeout=timeout)
         else:  # a plain `python script.py`: a group of one, no ports or env vars needed
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        # Tear the group down before the interpreter exits: left to static destructors, gloo's
+        # worker threads can still be joinable and the process aborts ("terminate called ...").
+        atexit.register(_destroy_process_group)
     world = dist.get_world_size()
     if model_parallel_size is None:
         model_parallel_size = world
@@ -98,6 +102,12 @@ def init_model_parallel(device: torch.device, model_parallel_size: Optional[int]
             f"model parallel is already initialised with size {get_model_parallel_world_size()}, "
             f"not {model_parallel_size}"
         )
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        sys.stdout.flush()
+        dist.destroy_process_group()
 
 
 def placement(device: torch.device, dtype: torch.dtype) -> Placement:
