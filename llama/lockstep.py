@@ -55,6 +55,7 @@ class _Watchdog:
         self.store, self.rank, self.world, self.timeout = store, rank, world, timeout
         self.interval = min(1.0, timeout / 10)
         self.stopped = False
+        self.wake = threading.Event()  # set by finish(), so the thread leaves its sleep at once
         self.thread = threading.Thread(target=self._run, name="llama-watchdog", daemon=True)
 
     def start(self) -> None:
@@ -72,12 +73,12 @@ class _Watchdog:
             except Exception as e:  # the store is gone: its host (torchrun on node 0, or rank 0) ended
                 # The connection does not come back, and every further try would log a warning.
                 # A run that is ending normally has `timeout` seconds to finish.
-                time.sleep(self.timeout)
+                self.wake.wait(self.timeout)
                 failure = (f"lost contact with the process group's store {self.timeout:g} s ago ({e}); "
                            f"the launcher or rank that hosts it (on node 0) has stopped")
             if failure and not self.stopped:
                 abort(f"rank {self.rank}: stopping: {failure}")
-            time.sleep(self.interval)
+            self.wake.wait(self.interval)
 
     def _reported_failure(self) -> Optional[str]:
         if int(self.store.add(f"{KEY}errors", 0)) == 0:
@@ -115,10 +116,15 @@ class _Watchdog:
     def finish(self) -> None:
         """Normal exit: stop watching, and let the others know this rank's silence is no failure."""
         self.stopped = True
+        self.wake.set()
         try:
             self.store.set(f"{KEY}done/{self.rank}", "1")
         except Exception:
             pass
+        # Wait for the thread to leave the store's C++ code: a daemon thread still inside it when
+        # the interpreter shuts down is torn out of it, and the process aborts ("terminate called").
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
 
 
 _watchdog: Optional[_Watchdog] = None
