@@ -55,11 +55,15 @@ def main(
     interactive: bool = False,
     system: Optional[str] = None,
     timeout: float = DEFAULT_TIMEOUT,
+    compile: bool = False,
+    quantize: Optional[str] = None,
+    prefill: str = "together",
 ):
     """Meta's flags, plus --top_k, --device (auto/cpu/cuda), --dtype (bf16/fp16/fp32), --seed,
     --logprobs, --output_json PATH (save the results), --interactive (chat at the terminal, with
-    --system PROMPT as the system message) and --timeout SECONDS (when a rank fails, the others
-    exit within about this time)."""
+    --system PROMPT as the system message), --timeout SECONDS (when a rank fails, the others
+    exit within about this time), --compile (torch.compile the decode step), --quantize int8
+    (int8 weights) and --prefill reference (Meta's prefill loop, for comparison)."""
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -69,6 +73,9 @@ def main(
         device=device,
         dtype=dtype,
         timeout=timeout,
+        compile=compile,
+        quantize=quantize,
+        prefill=prefill,
     )
     if interactive:
         chat(generator, system, max_gen_len, temperature=temperature, top_p=top_p, top_k=top_k)

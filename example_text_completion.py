@@ -49,10 +49,15 @@ def main(
     logprobs: bool = False,
     output_json: Optional[str] = None,
     timeout: float = DEFAULT_TIMEOUT,
+    compile: bool = False,
+    quantize: Optional[str] = None,
+    prefill: str = "together",
 ):
     """Meta's flags, plus --top_k, --device (auto/cpu/cuda), --dtype (bf16/fp16/fp32), --seed,
-    --logprobs (print each token's log-probability), --output_json PATH (save the results) and
-    --timeout SECONDS (when a rank fails, the others exit within about this time)."""
+    --logprobs (print each token's log-probability), --output_json PATH (save the results),
+    --timeout SECONDS (when a rank fails, the others exit within about this time), --compile
+    (torch.compile the decode step), --quantize int8 (int8 weights) and --prefill reference
+    (Meta's prefill loop, for comparison)."""
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -62,6 +67,9 @@ def main(
         device=device,
         dtype=dtype,
         timeout=timeout,
+        compile=compile,
+        quantize=quantize,
+        prefill=prefill,
     )
     results = generator.text_completion(
         PROMPTS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, top_k=top_k,

@@ -13,16 +13,12 @@ from typing import Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
-from fairscale.nn.model_parallel.layers import (
-    ColumnParallelLinear,
-    ParallelEmbedding,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-)
+from fairscale.nn.model_parallel.layers import ParallelEmbedding, VocabParallelEmbedding
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .args import ModelArgs
+from .layers import ColumnParallel, RowParallel
 
 
 class _AllocateOnMeta(TorchDispatchMode):
@@ -97,12 +93,12 @@ class Attention(nn.Module):
         self.n_local_heads = args.n_heads // world
         # With more ranks than KV heads, each rank keeps one (replicated) KV head.
         self.n_local_kv_heads = max(args.n_kv_heads // world, 1)
-        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False,
+        self.wq = ColumnParallel(args.dim, args.n_heads * self.head_dim, bias=False,
                                        gather_output=False, init_method=_keep)
         kv_features = self.n_local_kv_heads * world * self.head_dim
-        self.wk = ColumnParallelLinear(args.dim, kv_features, bias=False, gather_output=False, init_method=_keep)
-        self.wv = ColumnParallelLinear(args.dim, kv_features, bias=False, gather_output=False, init_method=_keep)
-        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False,
+        self.wk = ColumnParallel(args.dim, kv_features, bias=False, gather_output=False, init_method=_keep)
+        self.wv = ColumnParallel(args.dim, kv_features, bias=False, gather_output=False, init_method=_keep)
+        self.wo = RowParallel(args.n_heads * self.head_dim, args.dim, bias=False,
                                     input_is_parallel=True, init_method=_keep)
         self.cache_k: Optional[torch.Tensor] = None
         self.cache_v: Optional[torch.Tensor] = None
@@ -139,9 +135,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
-        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep)
-        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
+        self.w1 = ColumnParallel(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
+        self.w2 = RowParallel(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep)
+        self.w3 = ColumnParallel(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -173,9 +169,10 @@ class Transformer(nn.Module):
         self.tok_embeddings = embedding(params.vocab_size, params.dim, init_method=_keep)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_keep)
+        self.output = ColumnParallel(params.dim, params.vocab_size, bias=False, init_method=_keep)
         self.rope_cos: Optional[torch.Tensor] = None
         self.rope_sin: Optional[torch.Tensor] = None
+        self.compiled_decode = None  # set by compile_decode()
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocates the KV cache and RoPE tables once the weights are real."""
@@ -202,13 +199,38 @@ class Transformer(nn.Module):
         positions = start_pos.unsqueeze(1) + torch.arange(seq, device=tokens.device)  # (batch, seq)
         if kv_len is None:
             kv_len = int(positions.max()) + 1
-        key_positions = torch.arange(kv_len, device=tokens.device)
+        if seq == 1 and last_index is not None and self.compiled_decode is not None:
+            return self.compiled_decode(tokens, positions, self._decode_key_positions(kv_len))
+        return self._forward(tokens, positions, torch.arange(kv_len, device=tokens.device), last_index)
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor,
+                 last_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        batch = tokens.shape[0]
         mask = (key_positions <= positions.unsqueeze(-1)).unsqueeze(1)  # (batch, 1, seq, kv_len)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, positions, cos, sin, mask)
         if last_index is not None:
             h = h[torch.arange(batch, device=h.device), last_index.to(h.device)]
         return self.output(self.norm(h)).float()
+
+    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        return self._forward(tokens, positions, key_positions)[:, 0]
+
+    def compile_decode(self) -> None:
+        """Compiles the one-token step with torch.compile (the prefill stays eager: it runs once
+        per batch and is compute-bound). On CUDA the step attends over the whole cache, masked, so
+        its shapes never change and it is replayed as a CUDA graph; on CPU the attended length
+        is a dynamic dimension, so one compiled graph serves every step. Each batch size
+        compiles once."""
+        cuda = self.norm.weight.device.type == "cuda"
+        self.compiled_decode = torch.compile(self._decode_step, mode="reduce-overhead" if cuda else None)
+
+    def _decode_key_positions(self, kv_len: int) -> torch.Tensor:
+        device = self.norm.weight.device
+        if device.type == "cuda":
+            return torch.arange(self.params.max_seq_len, device=device)
+        key_positions = torch.arange(kv_len, device=device)
+        torch._dynamo.maybe_mark_dynamic(key_positions, 0)
+        return key_positions

@@ -1,0 +1,83 @@
+"""The speed levers that must not change outputs: the compiled decode step and prefilling ragged
+prompts together (against Meta's reference loop). Greedy, fp32: tokens equal, logprobs close."""
+
+import json
+
+import pytest
+
+from llama import Llama
+
+from .test_parallel import assert_same_results, run_example
+
+TEXTS = ["Hi", "The capital of France is", "Once upon a time, in a land far away, there lived",
+         "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "def fibonacci(n):", "Dear Sir or Madam,"]
+
+
+def build(ckpt, **levers) -> Llama:
+    return Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=96, max_batch_size=len(TEXTS),
+                       device="cpu", dtype="fp32", **levers)
+
+
+def greedy(generator: Llama, prompts, **kwargs):
+    return generator.generate(prompts, max_gen_len=16, temperature=0, logprobs=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def plain(llama31_ckpts):
+    return build(llama31_ckpts[1])
+
+
+@pytest.fixture(scope="module")
+def prompts(plain):
+    return [plain.tokenizer.encode(t, bos=True, eos=False) for t in TEXTS]
+
+
+def assert_same(expected, actual, abs_logprob=1e-5):
+    (want_tokens, want_logprobs), (got_tokens, got_logprobs) = expected, actual
+    assert got_tokens == want_tokens
+    for want, got in zip(want_logprobs, got_logprobs):
+        assert got == pytest.approx(want, abs=abs_logprob)
+
+
+@pytest.mark.parametrize("batch", [1, 6])  # 1: the one-row product path; 6: the matrix product
+def test_compiled_decode_gives_the_plain_paths_tokens(llama31_ckpts, plain, prompts, batch):
+    fast = build(llama31_ckpts[1], compile=True)
+    assert fast.model.compiled_decode is not None
+    expected = greedy(plain, prompts[-batch:])
+    assert any(len(t) == 16 for t in expected[0])
+    assert_same(expected, greedy(fast, prompts[-batch:]))
+
+
+def test_reference_prefill_gives_the_same_tokens_and_logprobs(llama31_ckpts, plain, prompts):
+    reference = build(llama31_ckpts[1], prefill="reference")
+    assert len({len(p) for p in prompts}) > 3  # ragged
+    for echo in (False, True):
+        assert_same(greedy(plain, prompts, echo=echo), greedy(reference, prompts, echo=echo))
+
+
+def test_reference_prefill_ends_sequences_like_the_plain_path(llama2_ckpts):
+    """Stop tokens, max_gen_len and max_seq_len end each row at the same place in both loops."""
+    plain, reference = build(llama2_ckpts[1]), build(llama2_ckpts[1], prefill="reference")
+    prompts = [plain.tokenizer.encode(t, bos=True, eos=False) for t in TEXTS]
+    prompts[0] = (prompts[0] * 40)[:90]  # runs into max_seq_len=96
+    for max_gen_len in (0, 1, 40):
+        kwargs = dict(max_gen_len=max_gen_len, temperature=0, logprobs=True)
+        assert_same(plain.generate(prompts, **kwargs), reference.generate(prompts, **kwargs))
+
+
+def test_every_lossless_lever_on_two_ranks_matches_one_plain_rank(llama31_ckpts, tmp_path):
+    """--compile on 2 ranks (model parallel inside the compiled step) against the plain 1-rank run."""
+    run_example("example_text_completion.py", llama31_ckpts[1], 1, tmp_path / "plain.json")
+    run_example("example_text_completion.py", llama31_ckpts[2], 2, tmp_path / "fast.json", "--compile", "True")
+    assert_same_results(json.loads((tmp_path / "plain.json").read_text()),
+                        json.loads((tmp_path / "fast.json").read_text()))
+
+
+@pytest.mark.parametrize("levers,message", [
+    (dict(compile="yes"), "compile must be True or False"),
+    (dict(quantize="int4"), "unknown quantize='int4'"),
+    (dict(prefill="fast"), "unknown prefill='fast'"),
+])
+def test_bad_lever_values_are_refused(llama31_ckpts, levers, message):
+    with pytest.raises(ValueError, match=message):
+        build(llama31_ckpts[1], **levers)
