@@ -2,12 +2,14 @@
 
     python benchmarks/bench_generate.py --ckpt_dir DIR --tokenizer_path DIR/tokenizer.json \
         --hf_source PATH_TO_GGUF_OR_HF_FOLDER [--threads 2] [--json results.json]
-    torchrun --nproc_per_node N benchmarks/bench_generate.py --ckpt_dir DIR ... --runners ours
+    torchrun --nproc_per_node N benchmarks/bench_generate.py --ckpt_dir DIR ... --configs compile
 
-Each runner is measured in its own child process (so peak memory is its own), greedy, same
-prompts, same dtype, same thread count, stop tokens ignored so every run makes the same number of
-tokens. Every figure is the median of --runs runs after a warm-up. Decode speed is measured as
-the difference between generating N tokens and generating 1, so prefill is not counted in it.
+Each runner and each of our configurations (--configs: plain, compile, compile+int8, ...) is
+measured in its own child process, greedy, same prompts, same dtype, same thread count, stop
+tokens ignored so every run makes the same number of tokens. Every figure is the median of --runs
+runs after a warm-up. Decode speed is the difference between generating N tokens and generating 1,
+so prefill is not counted in it. Loading is measured apart, in a process that loads for one
+sequence (so no large KV cache), from a cold page cache: against reading the shard files once.
 """
 
 import argparse
@@ -19,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -27,8 +29,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def median_time(fn: Callable[[], None], runs: int) -> float:
-    fn()  # warm-up
+def median_time(fn: Callable[[], None], runs: int, warm_up: bool = True) -> float:
+    if warm_up:
+        fn()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -56,62 +59,126 @@ def prompts_of_lengths(lengths: List[int], vocab_low: int = 1000) -> List[List[i
 
 
 RAGGED_LENGTHS = [4, 60, 117, 174, 231, 288, 345, 400]  # spread from 4 to 400 tokens
+CONFIGS = {  # Llama.build's levers; repeat_kv: copy K/V per query head, as Meta's code does
+    "plain": {}, "compile": {"compile": True}, "int8": {"quantize": "int8"},
+    "compile+int8": {"compile": True, "quantize": "int8"}, "repeat-kv": {"repeat_kv": True},
+}
 
 
-# --------------------------------------------------------------------------------------------
-# Our runner
+def shard_files(ckpt_dir: str) -> List[Path]:
+    return sorted(Path(ckpt_dir).glob("consolidated.*.pth"))
 
 
-def bench_ours(args) -> Dict:
-    from llama import Llama
-    from llama.distributed import is_main_process
+def drop_from_page_cache(paths: List[Path]) -> None:
+    """So the next read comes from disk, as the first load after a reboot would."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
-    build_kwargs = dict(device="cpu" if args.device == "cpu" else "auto", dtype=args.dtype)
-    for option in ("compile", "quantize", "prefill"):
-        if getattr(args, option) is not None:
-            build_kwargs[option] = getattr(args, option)
-    shard_bytes = sum(p.stat().st_size for p in Path(args.ckpt_dir).glob("consolidated.*.pth"))
-    rss_before_load = peak_rss_bytes()  # the interpreter, torch and our imports
-    read_seconds = _read_files_once(Path(args.ckpt_dir))
+
+def read_files_once(paths: List[Path]) -> float:
     start = time.perf_counter()
-    generator = Llama.build(args.ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len,
-                            max_batch_size=max(args.batch_sizes + [len(RAGGED_LENGTHS)]), **build_kwargs)
-    load_seconds = time.perf_counter() - start
-    rss_after_load = peak_rss_bytes()
-    generator.tokenizer.stop_tokens = []  # every run makes exactly the tokens asked for
-    weight_bytes = _unique_bytes(generator.model.parameters()) + _unique_bytes(generator.model.buffers(), skip_cache=True)
-
-    def generate(prompts, new_tokens):
-        generator.generate(prompts, max_gen_len=new_tokens, temperature=0)
-
-    result = _measure(generate, args)
-    result.update(runner="ours", load_seconds=load_seconds, peak_rss_after_load=rss_after_load,
-                  rss_before_load=rss_before_load,
-                  weight_bytes_this_rank=weight_bytes, shard_file_bytes=shard_bytes,
-                  read_shards_seconds=read_seconds, world_size=int(os.environ.get("WORLD_SIZE", 1)))
-    result["main"] = is_main_process()
-    return result
-
-
-def _read_files_once(folder: Path) -> float:
-    start = time.perf_counter()
-    for path in sorted(folder.glob("consolidated.*.pth")):
+    for path in paths:
         with open(path, "rb") as f:
             while f.read(8 << 20):
                 pass
     return time.perf_counter() - start
 
 
-def _unique_bytes(tensors, skip_cache: bool = False) -> int:
+def streamed_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: everything but the embedding table, of which a step
+    reads one row per sequence (a tied output layer shares it and is counted as the output)."""
+    embedding = {id(p) for p in model.tok_embeddings.parameters()}
     seen, total = set(), 0
-    for t in tensors:
-        if skip_cache and t.dim() == 4:  # KV caches are not weights
-            continue
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
+    for name, module in model.named_modules():
+        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            key = t.untyped_storage().data_ptr()
+            if id(t) in embedding or key in seen:
+                continue
             seen.add(key)
             total += t.untyped_storage().nbytes()
     return total
+
+
+# --------------------------------------------------------------------------------------------
+# Our runner
+
+
+def build_ours(args, max_batch_size: int, **levers):
+    from llama import Llama
+
+    return Llama.build(args.ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len,
+                       max_batch_size=max_batch_size, device="cpu" if args.device == "cpu" else "auto",
+                       dtype=args.dtype, **levers)
+
+
+def bench_load(args) -> Dict:
+    """Load time and memory for one sequence, from a cold page cache, against reading the files."""
+    start = time.perf_counter()
+    import torch._dynamo  # noqa: F401  torch's compiler; fairscale's layers import it on first use
+    from llama.distributed import is_main_process
+    import_seconds = time.perf_counter() - start
+    files = shard_files(args.ckpt_dir)
+    drop_from_page_cache(files)
+    read_seconds = read_files_once(files)
+    drop_from_page_cache(files)
+    rss_before = peak_rss_bytes()
+    start = time.perf_counter()
+    generator = build_ours(args, max_batch_size=1)
+    load_seconds = time.perf_counter() - start
+    model = generator.model
+    slice_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # shared ones once
+    return {"runner": "load", "main": is_main_process(), "import_seconds": import_seconds,
+            "read_seconds": read_seconds, "load_seconds": load_seconds, "rss_before_load": rss_before,
+            "peak_rss_after_load": peak_rss_bytes(), "slice_bytes": slice_bytes,
+            "shard_file_bytes": sum(p.stat().st_size for p in files)}
+
+
+def bench_ours(args, config: str) -> Dict:
+    from llama.distributed import is_main_process
+
+    levers = dict(CONFIGS[config])
+    repeat_kv = levers.pop("repeat_kv", False)
+    start = time.perf_counter()
+    generator = build_ours(args, max_batch_size=max(args.batch_sizes + [len(RAGGED_LENGTHS)]), **levers)
+    load_seconds = time.perf_counter() - start
+    for layer in generator.model.layers:
+        layer.attention.repeat_kv = repeat_kv
+    generator.tokenizer.stop_tokens = []  # every run makes exactly the tokens asked for
+
+    def generate(prompts, new_tokens):
+        generator.generate(prompts, max_gen_len=new_tokens, temperature=0)
+
+    def reference_ragged():
+        generator.prefill = "reference"
+        try:
+            generate(prompts_of_lengths(RAGGED_LENGTHS), args.ragged_new_tokens)
+        finally:
+            generator.prefill = "together"
+
+    result = _measure(generate, args)
+    # Meta's loop on the same ragged batch; its decode step is the one warmed up above.
+    result["ragged_reference_seconds"] = median_time(reference_ragged, args.runs, warm_up=False)
+    result["forward_seconds_b1"] = _forward_seconds(generator.model, args.new_tokens)
+    result.update(runner="ours", config=config, load_seconds=load_seconds,
+                  streamed_bytes_this_rank=streamed_bytes(generator.model),
+                  world_size=int(os.environ.get("WORLD_SIZE", 1)), main=is_main_process())
+    return result
+
+
+def _forward_seconds(model, steps: int) -> float:
+    """The model's own time for one decode step at batch 1 (what the decode loop calls), to tell
+    the loop's host-side cost per token apart."""
+    token = torch.tensor([[1000]], device=model.norm.weight.device)
+    zero = torch.zeros(1, dtype=torch.long)
+
+    def run():
+        for position in range(16, 16 + steps):
+            model(token, torch.tensor([position]), last_index=zero, kv_len=position + 1)
+    return median_time(run, 3) / steps
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,10 +210,12 @@ def bench_hf(args) -> Dict:
                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
 
     result = _measure(generate, args)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    result.update(runner="transformers", load_seconds=load_seconds, peak_rss_after_load=rss_after_load,
-                  rss_before_load=rss_before_load,
-                  weight_bytes_this_rank=weight_bytes, world_size=1, main=True)
+    embedding = model.get_input_embeddings().weight
+    streamed = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.get_output_embeddings().weight is not embedding:  # untied: the table is not streamed
+        streamed -= embedding.numel() * embedding.element_size()
+    result.update(runner="transformers", config="", load_seconds=load_seconds, load_rss_above_imports=rss_after_load
+                  - rss_before_load, streamed_bytes_this_rank=streamed, world_size=1, main=True)
     return result
 
 
@@ -158,52 +227,82 @@ def _measure(generate, args) -> Dict:
     runs, n = args.runs, args.new_tokens
     prefill_prompt = prompts_of_lengths([args.prefill_tokens])
     prefill_seconds = median_time(lambda: generate(prefill_prompt, 1), runs)
-    decode = {}
+    decode, first_call_seconds = {}, 0.0
     for batch in args.batch_sizes:
         prompts = prompts_of_lengths([16] * batch)
+        start = time.perf_counter()
+        generate(prompts, 2)  # the first decode step of a batch size: where a compiled step compiles
+        first_call_seconds += time.perf_counter() - start
         one = median_time(lambda: generate(prompts, 1), runs)
         full = median_time(lambda: generate(prompts, n), runs)
-        decode[batch] = {"tokens_per_second": batch * (n - 1) / (full - one), "step_seconds": (full - one) / (n - 1)}
+        decode[str(batch)] = {"tokens_per_second": batch * (n - 1) / (full - one), "step_seconds": (full - one) / (n - 1)}
     ragged = prompts_of_lengths(RAGGED_LENGTHS)
     ragged_seconds = median_time(lambda: generate(ragged, args.ragged_new_tokens), runs)
     return {
         "prefill_tokens_per_second": args.prefill_tokens / prefill_seconds,
         "decode": decode,
+        "first_calls_seconds": first_call_seconds,
         "ragged_seconds": ragged_seconds,
         "peak_rss": peak_rss_bytes(),
     }
 
 
 # --------------------------------------------------------------------------------------------
-# Orchestration and the table
+# Orchestration and the tables
 
 
-def run_child(runner: str, argv: List[str]) -> Dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", runner, *argv], capture_output=True, text=True)
+def run_child(what: str, argv: List[str]) -> Dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", what, *argv], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"the {runner} benchmark failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"the {what} benchmark failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def print_table(results: List[Dict], bandwidth: float, model_bytes: int) -> None:
-    gb = 1e9
+def measure_in_this_process(what: str, args) -> Dict:
+    if what == "load":
+        return bench_load(args)
+    if what == "transformers":
+        return bench_hf(args)
+    return bench_ours(args, what)
+
+
+def print_tables(load: Optional[Dict], results: List[Dict], bandwidth: float) -> None:
+    gb, mb = 1e9, 1e6
     print(f"\nmemory bandwidth (large copy, read + write): {bandwidth / gb:.1f} GB/s")
-    print(f"weights streamed per decode step: {model_bytes / 1e6:.0f} MB -> "
-          f"limit {bandwidth / model_bytes:.1f} steps/s\n")
-    header = ["runner", "load s", "peak RSS MB (above imports)", "prefill tok/s"]
+    if load:
+        ranks = load["world_size"]
+        print(f"\nloading ({'per rank, ' if ranks > 1 else ''}cold page cache, one sequence of KV cache):")
+        print(f"  imports (torch, its compiler, fairscale, llama): {load['import_seconds']:.2f} s")
+        print(f"  read the shard files once: {load['read_seconds']:.2f} s; Llama.build: {load['load_seconds']:.2f} s "
+              f"({load['load_seconds'] / load['read_seconds']:.2f}x)")
+        above = load["peak_rss_after_load"] - load["rss_before_load"]
+        print(f"  weights of this rank: {load['slice_bytes'] / mb:.0f} MB; peak RSS {load['peak_rss_after_load'] / mb:.0f}"
+              f" MB, above imports {above / mb:.0f} MB ({above / load['slice_bytes']:.2f}x the weights)")
+    for r in results:
+        if r["runner"] == "transformers":
+            print(f"  transformers from_pretrained: {r['load_seconds']:.2f} s, "
+                  f"{r['load_rss_above_imports'] / mb:.0f} MB above imports")
     batches = sorted({int(b) for r in results for b in r["decode"]})
-    header += [f"decode b{b} tok/s (% limit)" for b in batches] + ["ragged s"]
+    header = ["runner", "MB/step", "build s", "first calls s", "prefill tok/s"]
+    header += [f"decode b{b} tok/s (% limit)" for b in batches]
+    header += ["ragged s", "ragged s, Meta's loop", "host us/token b1"]
     rows = []
     for r in results:
-        above = r["peak_rss_after_load"] - r["rss_before_load"]
-        row = [r["label"], f"{r['load_seconds']:.2f}", f"{r['peak_rss_after_load'] / 1e6:.0f} ({above / 1e6:.0f})",
-               f"{r['prefill_tokens_per_second']:.0f}"]
+        row = [r["label"], f"{r['streamed_bytes_all_ranks'] / mb:.0f}", f"{r['load_seconds']:.2f}",
+               f"{r['first_calls_seconds']:.1f}", f"{r['prefill_tokens_per_second']:.0f}"]
         for b in batches:
-            d = r["decode"][str(b)] if str(b) in r["decode"] else r["decode"][b]
-            pct = 100 * (1 / d["step_seconds"]) / (bandwidth / r["weight_bytes_all_ranks"])
+            d = r["decode"][str(b)]
+            pct = 100 * (1 / d["step_seconds"]) / (bandwidth / r["streamed_bytes_all_ranks"])
             row.append(f"{d['tokens_per_second']:.1f} ({pct:.0f}%)")
         row.append(f"{r['ragged_seconds']:.2f}")
+        if "ragged_reference_seconds" in r:
+            row.append(f"{r['ragged_reference_seconds']:.2f} ({r['ragged_reference_seconds'] / r['ragged_seconds']:.1f}x)")
+            overhead = r["decode"]["1"]["step_seconds"] - r["forward_seconds_b1"] if "1" in r["decode"] else None
+            row.append("-" if overhead is None else f"{overhead * 1e6:.0f}")
+        else:
+            row += ["-", "-"]
         rows.append(row)
+    print()
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for line in [header, ["-" * w for w in widths], *rows]:
         print(" | ".join(str(x).ljust(w) for x, w in zip(line, widths)))
@@ -214,7 +313,10 @@ def main() -> None:
     parser.add_argument("--ckpt_dir", required=True)
     parser.add_argument("--tokenizer_path", required=True)
     parser.add_argument("--hf_source", help="the same weights for transformers: a GGUF file or HF folder")
-    parser.add_argument("--runners", default="ours,transformers")
+    parser.add_argument("--configs", default="plain,compile,compile+int8",
+                        help=f"our configurations to measure, from {','.join(CONFIGS)}; empty for none")
+    parser.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure transformers (needs --hf_source)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "auto"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
@@ -224,35 +326,48 @@ def main() -> None:
     parser.add_argument("--prefill_tokens", type=int, default=256)
     parser.add_argument("--max_seq_len", type=int, default=512)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", default=None)
-    parser.add_argument("--quantize", choices=["int8"], default=None)
-    parser.add_argument("--prefill", choices=["batched", "reference"], default=None)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
+    configs = [c for c in args.configs.split(",") if c]
+    for c in configs:
+        if c not in CONFIGS:
+            parser.error(f"unknown configuration {c!r}; choose from {', '.join(CONFIGS)}")
+    if args.transformers and not args.hf_source and "WORLD_SIZE" not in os.environ:
+        parser.error("--hf_source is needed to measure transformers (or pass --no-transformers)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    if args.child or "WORLD_SIZE" in os.environ:  # a measuring process (torchrun: every rank)
-        result = bench_ours(args) if (args.child or "ours") == "ours" else bench_hf(args)
-        if not result["main"]:
-            return
-        if args.child:
-            print(json.dumps(result))
-            return
-        results = [result]
+    if args.child:  # a measuring process
+        print(json.dumps(measure_in_this_process(args.child, args)))
+        return
+    if "WORLD_SIZE" in os.environ:  # torchrun: every rank measures each of our configurations
+        measure = lambda what: measure_in_this_process(what, args)  # noqa: E731
+        whats = ["load"] + configs
     else:
-        argv = [a for a in sys.argv[1:]]
-        results = [run_child(r, argv) for r in args.runners.split(",")]
+        argv = sys.argv[1:]
+        measure = lambda what: run_child(what, argv)  # noqa: E731
+        whats = ["load"] + configs + (["transformers"] if args.transformers else [])
+    load, results = None, []
+    for what in whats:
+        result = measure(what)
+        result["world_size"] = int(os.environ.get("WORLD_SIZE", 1)) if what != "transformers" else 1
+        if what == "load":
+            load = result
+        else:
+            results.append(result)
+    if not (load or results[0])["main"]:
+        return
     for r in results:
-        r["label"] = r["runner"] + (f" x{r['world_size']} ranks" if r["world_size"] > 1 else "")
-        r["weight_bytes_all_ranks"] = r["weight_bytes_this_rank"] * r["world_size"]
+        r["label"] = r["runner"] + (f" {r['config']}" if r["config"] else "") + (
+            f" x{r['world_size']} ranks" if r["world_size"] > 1 else "")
+        r["streamed_bytes_all_ranks"] = r["streamed_bytes_this_rank"] * r["world_size"]
     bandwidth = memory_bandwidth()
-    print_table(results, bandwidth, results[0]["weight_bytes_all_ranks"])
+    print_tables(load, results, bandwidth)
     if args.json:
-        Path(args.json).write_text(json.dumps({"bandwidth_bytes_per_second": bandwidth, "results": results,
-                                               "argv": sys.argv[1:]}, indent=2))
+        Path(args.json).write_text(json.dumps({"bandwidth_bytes_per_second": bandwidth, "load": load,
+                                               "results": results, "argv": sys.argv[1:]}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The model-parallel linear layers: fairscale's ColumnParallelLinear and RowParallelLinear (same
-parameters, same slices, same state-dict names) with a forward of our own, which
+"""The model-parallel layers: fairscale's ColumnParallelLinear, RowParallelLinear and embeddings
+(same parameters, same slices, same state-dict names) with a forward of our own, which
 
 - runs a one-row product on CPU under torch.compile as a multiply-and-sum, which the compiler
   turns into one bandwidth-bound loop (~3.5x faster than the BLAS call at batch 1 on our CPU);
@@ -13,7 +13,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_group, get_model_parallel_world_size
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from torch import nn
 
 # Up to this many rows (batch x new positions), a compiled CPU product is written as multiply-and-sum.
@@ -65,6 +70,23 @@ class RowParallel(RowParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _all_reduce(linear(x, self.weight, getattr(self, "weight_scale", None)))
+
+
+class VocabParallel(VocabParallelEmbedding):
+    """Holds rows [vocab_start_index, vocab_end_index) of the table; other ranks supply the rest."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.vocab_start_index
+        elsewhere = (local < 0) | (local >= self.num_embeddings_per_partition)
+        rows = F.embedding(local.masked_fill(elsewhere, 0), self.weight)
+        return _all_reduce(rows.masked_fill(elsewhere.unsqueeze(-1), 0))
+
+
+class DimParallel(ParallelEmbedding):
+    """Holds a slice of every row's features (Llama 2's split); gathers the rest."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return _all_gather_last_dim(F.embedding(tokens, self.weight))
 
 
 def quantize_int8(model: nn.Module) -> None:

@@ -13,12 +13,11 @@ from typing import Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
-from fairscale.nn.model_parallel.layers import ParallelEmbedding, VocabParallelEmbedding
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .args import ModelArgs
-from .layers import ColumnParallel, RowParallel
+from .layers import ColumnParallel, DimParallel, RowParallel, VocabParallel
 
 
 class _AllocateOnMeta(TorchDispatchMode):
@@ -102,6 +101,9 @@ class Attention(nn.Module):
                                     input_is_parallel=True, init_method=_keep)
         self.cache_k: Optional[torch.Tensor] = None
         self.cache_v: Optional[torch.Tensor] = None
+        # Copy each KV head for its query heads before attention, as Meta's code does. Slower; kept
+        # only so that the benchmark can measure grouped-query attention without the copies.
+        self.repeat_kv = False
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> None:
         # (batch, kv_heads, position, head_dim): the layout scaled_dot_product_attention reads directly.
@@ -125,10 +127,11 @@ class Attention(nn.Module):
         keys = self.cache_k[:batch, :, :kv_len]
         values = self.cache_v[:batch, :, :kv_len]
 
+        groups = self.n_local_heads // self.n_local_kv_heads
+        if self.repeat_kv and groups > 1:
+            keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask,
-            enable_gqa=self.n_local_heads != self.n_local_kv_heads,
-        )
+            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=keys.shape[1] != self.n_local_heads)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -159,13 +162,13 @@ class TransformerBlock(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, params: ModelArgs, embedding_split: str = "vocab"):
-        """embedding_split: "vocab" (VocabParallelEmbedding, Llama 3 style) or "dim"
-        (ParallelEmbedding, Llama 2 style)."""
+        """embedding_split: "vocab" (rows split across ranks, Llama 3 style) or "dim" (features
+        split, Llama 2 style)."""
         super().__init__()
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
-        embedding = VocabParallelEmbedding if embedding_split == "vocab" else ParallelEmbedding
+        embedding = VocabParallel if embedding_split == "vocab" else DimParallel
         self.tok_embeddings = embedding(params.vocab_size, params.dim, init_method=_keep)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
