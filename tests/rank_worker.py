@@ -2,7 +2,7 @@
 model, and rank 0 saves what it computed to JOBS.json.out.
 
 A job: {"ckpt_dir", "tokenizer", "max_seq_len", "max_batch_size", "mode": "logits" | "generate",
-"tokens": a list of token lists, "max_gen_len" (generate)}."""
+"tokens": a list of token lists, "max_gen_len" (generate), optionally "quantize"}."""
 
 import json
 import sys
@@ -19,7 +19,8 @@ def main(jobs_path: str) -> None:
         jobs = json.load(f)
     for job in jobs:
         generator = Llama.build(job["ckpt_dir"], job["tokenizer"], max_seq_len=job["max_seq_len"],
-                                max_batch_size=job["max_batch_size"], device="cpu", dtype="fp32")
+                                max_batch_size=job["max_batch_size"], device="cpu", dtype="fp32",
+                                quantize=job.get("quantize"))
         if job["mode"] == "logits":
             results.append(generator.model(torch.tensor(job["tokens"]), 0))
         else:

