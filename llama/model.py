@@ -99,8 +99,10 @@ class Attention(nn.Module):
         self.wv = ColumnParallel(args.dim, kv_features, bias=False, gather_output=False, init_method=_keep)
         self.wo = RowParallel(args.n_heads * self.head_dim, args.dim, bias=False,
                                     input_is_parallel=True, init_method=_keep)
-        self.cache_k: Optional[torch.Tensor] = None
-        self.cache_v: Optional[torch.Tensor] = None
+        # Buffers (not saved with the weights): a CUDA graph then treats the cache as a fixed input
+        # that the step updates in place, rather than as one it must copy in on every replay.
+        self.register_buffer("cache_k", None, persistent=False)
+        self.register_buffer("cache_v", None, persistent=False)
         # Copy each KV head for its query heads before attention, as Meta's code does. Slower; kept
         # only so that the benchmark can measure grouped-query attention without the copies.
         self.repeat_kv = False
