@@ -97,7 +97,8 @@ class Llama:
         the others exit within about that time, naming the failed rank (see llama/lockstep.py).
         compile: torch.compile the one-token decode step (CUDA graphs on GPU). Each batch size
         compiles once, on its first step (about 45 s for a 135M model on a 2-core CPU), then
-        decodes faster (2.6x there at batch 1). Outputs are unchanged.
+        decodes faster (3.4x there at batch 1). Greedy outputs are unchanged (logprobs may differ
+        in the last digits: sums run in another order).
         quantize: "int8" keeps every linear layer's weights as int8 with one scale per output row,
         a quarter of fp32's bytes; on CPU it pays off together with compile.
         prefill: "together" (default) prefills every prompt of a batch in one pass; "reference"
