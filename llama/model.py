@@ -93,12 +93,12 @@ class Attention(nn.Module):
         # With more ranks than KV heads, each rank keeps one (replicated) KV head.
         self.n_local_kv_heads = max(args.n_kv_heads // world, 1)
         self.wq = ColumnParallel(args.dim, args.n_heads * self.head_dim, bias=False,
-                                       gather_output=False, init_method=_keep)
+                                 gather_output=False, init_method=_keep)
         kv_features = self.n_local_kv_heads * world * self.head_dim
         self.wk = ColumnParallel(args.dim, kv_features, bias=False, gather_output=False, init_method=_keep)
         self.wv = ColumnParallel(args.dim, kv_features, bias=False, gather_output=False, init_method=_keep)
         self.wo = RowParallel(args.n_heads * self.head_dim, args.dim, bias=False,
-                                    input_is_parallel=True, init_method=_keep)
+                              input_is_parallel=True, init_method=_keep)
         # Buffers (not saved with the weights): a CUDA graph then treats the cache as a fixed input
         # that the step updates in place, rather than as one it must copy in on every replay.
         self.register_buffer("cache_k", None, persistent=False)
