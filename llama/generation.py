@@ -248,18 +248,8 @@ class Llama:
         tokens = torch.zeros((len(seqs), max(lengths)), dtype=torch.long)
         for row, s in enumerate(seqs):
             tokens[row, :len(s.prompt)] = torch.tensor(s.prompt, dtype=torch.long)
-        tokens = tokens.to(self.device)
-        last_index = torch.tensor(lengths, device=self.device) - 1
-
         # Prefill every prompt at once; right padding is never attended by real tokens.
-        if want_logprobs and echo:
-            logits = self.model(tokens, 0, kv_len=max(lengths))
-            prompt_logprobs = _token_logprobs(logits[:, :-1], tokens[:, 1:]).tolist()
-            for s, lps in zip(seqs, prompt_logprobs):
-                s.prompt_logprobs = [0.0] + lps[:len(s.prompt) - 1]
-            last = logits[torch.arange(len(seqs)), last_index]
-        else:
-            last = self.model(tokens, 0, last_index=last_index, kv_len=max(lengths))
+        last = self._prefill(seqs, tokens.to(self.device), lengths, want_logprobs and echo)
 
         stop_tokens = set(self.tokenizer.stop_tokens)
         while not all(s.done for s in seqs):
@@ -280,6 +270,20 @@ class Llama:
                               last_index=torch.zeros(len(seqs), dtype=torch.long), kv_len=max(positions) + 1)
         yield seqs
 
+    def _prefill(self, seqs: List["_Sequence"], tokens: torch.Tensor, lengths: List[int],
+                 prompt_logprobs: bool) -> torch.Tensor:
+        """Runs the first lengths[row] tokens of each row of `tokens` through the model from
+        position 0; returns each row's logits after its last one. prompt_logprobs: also record
+        the log-probability of each of those tokens (echo with logprobs)."""
+        last_index = torch.tensor(lengths, device=self.device) - 1
+        if not prompt_logprobs:
+            return self.model(tokens, 0, last_index=last_index, kv_len=max(lengths))
+        logits = self.model(tokens, 0, kv_len=max(lengths))
+        logprobs = _token_logprobs(logits[:, :-1], tokens[:, 1:]).tolist()
+        for s, n, lps in zip(seqs, lengths, logprobs):
+            s.prompt_logprobs = [0.0] + lps[:n - 1]
+        return logits[torch.arange(len(seqs)), last_index]
+
     @torch.inference_mode()
     def _decode_batch_reference(self, seqs: List["_Sequence"], temperature, top_p, top_k, want_logprobs, echo):
         """Meta's reference loop, kept so that prefilling together can be measured against it:
@@ -289,14 +293,7 @@ class Llama:
         lengths = [len(s.prompt) for s in seqs]
         shortest = min(lengths)
         prefix = torch.tensor([s.prompt[:shortest] for s in seqs], dtype=torch.long, device=self.device)
-        if want_logprobs and echo:
-            logits = self.model(prefix, 0, kv_len=shortest)
-            prefix_logprobs = _token_logprobs(logits[:, :-1], prefix[:, 1:]).tolist()
-            for s, lps in zip(seqs, prefix_logprobs):
-                s.prompt_logprobs = [0.0] + lps
-            last = logits[:, -1]
-        else:
-            last = self.model(prefix, 0, last_index=torch.full((len(seqs),), shortest - 1), kv_len=shortest)
+        last = self._prefill(seqs, prefix, [shortest] * len(seqs), want_logprobs and echo)
 
         stop_tokens = set(self.tokenizer.stop_tokens)
         position = shortest  # of the token chosen in this step, the same for every row
