@@ -15,14 +15,16 @@ import torch
 import torch.nn.functional as F
 
 from .args import load_params
-from .chat_format import ChatFormat, Dialog, Message
+# Llama 2's and Llama 3's generation.py define these, and callers import them from there.
+from .chat_format import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR,  # noqa: F401
+                          ChatFormat, Dialog, Message, Role)
 from .checkpoint import ShardedCheckpoint, check_world_size, load_rank_weights
 from .distributed import init_model_parallel, placement, resolve_device, resolve_dtype, silence_other_ranks
 from .lockstep import (DEFAULT_TIMEOUT, check_same_inputs, check_timeout, fault_point, start_watchdog,
                        wait_for_all_ranks)
 from .layers import quantize_int8
 from .model import Transformer, skeleton
-from .sampling import check_sampling, sample_next
+from .sampling import check_sampling, sample_next, sample_top_p  # noqa: F401
 from .streaming import TextStream, check_stop, invalid_utf8_errors
 from .tokenizer import Tokenizer
 
@@ -153,16 +155,19 @@ class Llama:
         fault_point("build")
         wait_for_all_ranks()  # loading can take much longer on some ranks than the collective timeout
         print(f"Loaded in {time.time() - start:.2f} seconds")
-        return Llama(model, tokenizer, seed=seed, prefill=prefill)
+        return Llama(model, tokenizer, prefill=prefill)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, prefill: str = "together"):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: Optional[int] = None,
+                 prefill: str = "together"):
+        """Meta's constructor (model, tokenizer). Sampling draws from torch's global generator, as in
+        Meta's code: build() seeds it on every rank alike; seed (ours) reseeds it here."""
+        if seed is not None:
+            torch.manual_seed(seed)
         self.model = model
         self.prefill = prefill
         self.tokenizer = tokenizer
         self.formatter = ChatFormat.for_tokenizer(tokenizer)
         self.device = model.norm.weight.device
-        # Every rank seeds its own generator identically, so all ranks sample the same tokens.
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._utf8_errors = invalid_utf8_errors(tokenizer)  # for streamed text to match decode()
 
     def generate(
@@ -254,7 +259,7 @@ class Llama:
         stop_tokens = set(self.tokenizer.stop_tokens)
         while not all(s.done for s in seqs):
             fault_point("step")
-            next_tokens = sample_next(last, temperature, top_p, top_k, self.generator)
+            next_tokens = sample_next(last, temperature, top_p, top_k)
             chosen = next_tokens.tolist()
             chosen_logprobs = _token_logprobs(last, next_tokens).tolist() if want_logprobs else [None] * len(seqs)
             for s, token, logprob in zip(seqs, chosen, chosen_logprobs):
@@ -299,7 +304,7 @@ class Llama:
         position = shortest  # of the token chosen in this step, the same for every row
         while not all(s.done for s in seqs):
             fault_point("step")
-            next_tokens = sample_next(last, temperature, top_p, top_k, self.generator)
+            next_tokens = sample_next(last, temperature, top_p, top_k)
             in_prompt = [position < n for n in lengths]
             if any(in_prompt):
                 forced = [s.prompt[position] if inside else 0 for s, inside in zip(seqs, in_prompt)]
