@@ -50,7 +50,7 @@ class StreamPiece(TypedDict):
     finish_reason: None while the sequence goes on. Its last piece (whose text may be "") says why
         it ended: "stop_token" (the model's end of text or turn), "stop_string" (one of `stop`
         appeared), "length" (max_gen_len or max_seq_len reached) or "refused" (a Llama 2 dialog
-        holding special tags: text is the refusal).
+        holding special tags: its first piece held the refusal, the reply's content).
     result: None until that last piece, which carries what text_completion / chat_completion
         return for this input (with "tokens" and "logprobs" when logprobs=True)."""
 
@@ -217,7 +217,7 @@ class Llama:
                 raise ValueError(f"prompt {i} holds token ids outside [0, {params.vocab_size})")
 
     def _sequences(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, echo, stop: Sequence[str] = (),
-                   watch_text: bool = False, indices: Optional[List[int]] = None) -> List["_Sequence"]:
+                   watch_text: bool = False) -> List["_Sequence"]:
         """Checks the arguments and sets up one _Sequence per prompt. watch_text: follow each
         sequence's text as it grows (streaming, stop strings)."""
         params = self.model.params
@@ -233,7 +233,7 @@ class Llama:
             if watch_text:
                 text = TextStream(self.tokenizer, stop, prefix=prompt if echo else (), errors=self._utf8_errors)
             budget = min(max_gen_len, params.max_seq_len - len(prompt))  # new tokens it may add
-            seqs.append(_Sequence(i if indices is None else indices[i], list(prompt), budget, text))
+            seqs.append(_Sequence(i, list(prompt), budget, text))
         return seqs
 
     def _decode(self, seqs: List["_Sequence"], temperature, top_p, top_k, want_logprobs: bool,
@@ -373,7 +373,7 @@ class Llama:
         torchrun every rank must consume the stream the same way (all of it, or stop at the same
         piece), as with any collective step."""
         seqs = self._text_sequences(prompts, temperature, top_p, max_gen_len, logprobs, echo, top_k, stop, True)
-        return self._stream(seqs, [], temperature, top_p, top_k, logprobs, echo,
+        return self._stream(seqs, None, temperature, top_p, top_k, logprobs, echo,
                             lambda s: self._completion(s, logprobs, echo))
 
     def _text_sequences(self, prompts, temperature, top_p, max_gen_len, logprobs, echo, top_k, stop, stream):
@@ -406,13 +406,9 @@ class Llama:
         model's chat format. Returns one {"generation": {"role": "assistant", "content": str}} per
         dialog, plus "tokens" and "logprobs" when logprobs=True. stop: as in text_completion."""
         refusals, seqs = self._chat_sequences(dialogs, temperature, top_p, max_gen_len, logprobs, top_k, stop, False)
-        results: List[ChatPrediction] = [
-            self._prediction(refusal, [], [] if logprobs else None, chat=True) for refusal in refusals]
         for _ in self._decode(seqs, temperature, top_p, top_k, logprobs, False):
             pass
-        for s in seqs:
-            results[s.index] = self._completion(s, logprobs, echo=False, chat=True)
-        return results
+        return [self._completion(s, logprobs, echo=False, chat=True, content=refusals[s.index]) for s in seqs]
 
     def stream_chat_completion(
         self,
@@ -427,16 +423,16 @@ class Llama:
     ) -> Iterator[StreamPiece]:
         """chat_completion, handed out as it is generated, like stream_text_completion: the pieces
         of each index join to the reply's "content". A refused dialog (Llama 2 special tags) gets
-        one piece with the refusal text and finish_reason "refused", before any other."""
+        its refusal text as one piece before any other; its generation runs unseen, as in Meta's
+        code, and its last piece (text "", finish_reason "refused") comes when that ends."""
         refusals, seqs = self._chat_sequences(dialogs, temperature, top_p, max_gen_len, logprobs, top_k, stop, True)
-        refused = [StreamPiece(index=i, text=refusal, finish_reason="refused",
-                               result=self._prediction(refusal, [], [] if logprobs else None, chat=True))
-                   for i, refusal in enumerate(refusals) if refusal is not None]
-        return self._stream(seqs, refused, temperature, top_p, top_k, logprobs, False,
-                            lambda s: self._completion(s, logprobs, echo=False, chat=True))
+        return self._stream(seqs, refusals, temperature, top_p, top_k, logprobs, False,
+                            lambda s: self._completion(s, logprobs, echo=False, chat=True, content=refusals[s.index]))
 
     def _chat_sequences(self, dialogs, temperature, top_p, max_gen_len, logprobs, top_k, stop, stream):
-        """The refusal text of each dialog (None for those that run) and the sequences to run."""
+        """The refusal text of each dialog (None for the others) and a sequence for every dialog:
+        like Meta's Llama 2 code, a refused dialog still runs, and only its reply text is replaced
+        (its tokens and logprobs are those generated)."""
         check_same_inputs("chat_completion() arguments", (dialogs, temperature, top_p, max_gen_len, logprobs,
                                                           top_k, stop), self.device)
         if not isinstance(dialogs, (list, tuple)) or len(dialogs) == 0:
@@ -446,41 +442,50 @@ class Llama:
         stops = check_stop(stop)
         refusals = [self.formatter.refusal(d) for d in dialogs]
         encoded = [self.formatter.encode_dialog_prompt(d) for d in dialogs]
-        to_run = [i for i, refusal in enumerate(refusals) if refusal is None]
-        if not to_run:
-            return refusals, []
-        seqs = self._sequences([encoded[i] for i in to_run], max_gen_len, temperature, top_p, top_k, False, stops,
-                               watch_text=stream or bool(stops), indices=to_run)
+        seqs = self._sequences(encoded, max_gen_len, temperature, top_p, top_k, False, stops,
+                               watch_text=stream or bool(stops))
         return refusals, seqs
 
-    def _stream(self, seqs, first_pieces, temperature, top_p, top_k, logprobs, echo,
+    def _stream(self, seqs, refusals, temperature, top_p, top_k, logprobs, echo,
                 result_of) -> Iterator[StreamPiece]:
         """Runs the decoding loop, handing out each sequence's newly settled text after every step;
-        result_of(sequence) gives the result carried by a sequence's last piece."""
-        yield from first_pieces
+        result_of(sequence) gives the result carried by a sequence's last piece. refusals: None, or
+        per index the text shown instead of that sequence's own (see stream_chat_completion)."""
+        refusals = refusals or [None] * len(seqs)
+        for i, refusal in enumerate(refusals):
+            if refusal is not None:
+                yield StreamPiece(index=i, text=refusal, finish_reason=None, result=None)
         ended = set()
         for batch in self._decode(seqs, temperature, top_p, top_k, logprobs, echo):
             for s in batch:
                 if s.index in ended:
                     continue
                 text = s.text.take()
+                if refusals[s.index] is not None:
+                    text, reason = "", "refused"
+                else:
+                    reason = s.finish_reason
                 if s.done:
                     ended.add(s.index)
-                    yield StreamPiece(index=s.index, text=text, finish_reason=s.finish_reason, result=result_of(s))
+                    yield StreamPiece(index=s.index, text=text, finish_reason=reason, result=result_of(s))
                 elif text:
                     yield StreamPiece(index=s.index, text=text, finish_reason=None, result=None)
 
-    def _completion(self, s: "_Sequence", logprobs: bool, echo: bool, chat: bool = False):
-        """What text_completion / chat_completion return for one finished sequence."""
+    def _completion(self, s: "_Sequence", logprobs: bool, echo: bool, chat: bool = False,
+                    content: Optional[str] = None):
+        """What text_completion / chat_completion return for one finished sequence; content: the
+        text to return instead of the generated one (a refusal)."""
         tokens = s.output_tokens(echo)
-        text = s.text.text if s.finish_reason == "stop_string" else self.tokenizer.decode(tokens)
-        return self._prediction(text, tokens, s.output_logprobs(echo) if logprobs else None, chat)
-
-    def _prediction(self, text, tokens, logprobs, chat: bool = False):
+        if content is not None:
+            text = content
+        elif s.finish_reason == "stop_string":
+            text = s.text.text
+        else:
+            text = self.tokenizer.decode(tokens)
         result = {"generation": {"role": "assistant", "content": text} if chat else text}
-        if logprobs is not None:
+        if logprobs:
             result["tokens"] = [self.tokenizer.decode([t]) for t in tokens]
-            result["logprobs"] = logprobs
+            result["logprobs"] = s.output_logprobs(echo)
         return result
 
 

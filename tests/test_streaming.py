@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from llama import Llama
+from llama.generation import UNSAFE_ERROR
 from llama.streaming import TextStream, invalid_utf8_errors
 
 from .launch import REPO, tagged_env, torchrun
@@ -90,7 +91,9 @@ def test_chat_stream_joins_to_chat_completion(model):
     ends = last_pieces(pieces, len(dialogs))
     assert [ends[i]["result"] for i in range(len(dialogs))] == batch
     if model.tokenizer.kind == "sentencepiece":
-        assert ends[3]["finish_reason"] == "refused" and pieces[0] == ends[3]
+        assert pieces[0] == {"index": 3, "text": UNSAFE_ERROR, "finish_reason": None, "result": None}
+        assert ends[3]["finish_reason"] == "refused" and ends[3]["text"] == ""
+        assert len(ends[3]["result"]["tokens"]) == len(ends[3]["result"]["logprobs"]) > 0
 
 
 def test_stream_arguments_are_checked_before_iterating(llama3):
