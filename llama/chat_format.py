@@ -1,11 +1,17 @@
-"""Turn a chat dialog into prompt token ids, in each model family's layout."""
+"""Turn a chat dialog into prompt token ids, in each model family's layout.
+
+`ChatFormat(tokenizer)` (Meta's llama3 call) gives the layout of the tokenizer's model family;
+llama/tokenizer.py re-exports these names, as Meta's llama3 keeps them there.
+"""
 
 import re
-from typing import List, Literal, Optional, Sequence, TypedDict, get_args
+from typing import TYPE_CHECKING, List, Literal, Optional, Sequence, TypedDict, get_args
 
-from llama.tokenizer import Tokenizer
+if TYPE_CHECKING:  # llama/tokenizer.py imports this module
+    from llama.tokenizer import Tokenizer
 
-Role = Literal["system", "user", "assistant", "ipython"]
+# "ipython" is Meta llama3's name for a tool's turn, "tool" llama-models' (its header says ipython).
+Role = Literal["system", "user", "assistant", "ipython", "tool"]
 ROLES = get_args(Role)
 
 
@@ -30,23 +36,21 @@ def _check_messages(dialog: Sequence[Message]) -> None:
 
 
 class ChatFormat:
-    """Base class; `ChatFormat.for_tokenizer(tok)` picks the layout for the model family."""
+    """`ChatFormat(tokenizer)` builds the subclass whose layout fits the tokenizer's model family
+    (as `Tokenizer(path)` builds the subclass that fits the file); `ChatFormat.for_tokenizer(tok)`
+    is the same. A subclass built directly gives its own layout."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __new__(cls, tokenizer: "Tokenizer"):
+        if cls is ChatFormat:
+            cls = _layout_for(tokenizer)
+        return super().__new__(cls)  # Python then calls cls.__init__(tokenizer)
+
+    def __init__(self, tokenizer: "Tokenizer"):
         self.tokenizer = tokenizer
 
     @staticmethod
-    def for_tokenizer(tokenizer: Tokenizer) -> "ChatFormat":
-        # The one place that maps tokenizer kind -> chat layout.
-        if tokenizer.kind == "huggingface":  # converted models of any family: their chat template tells
-            return _huggingface_chat_format(tokenizer)(tokenizer)
-        formats = {
-            "sentencepiece": Llama2ChatFormat,
-            "tiktoken": Llama3ChatFormat,
-        }
-        if tokenizer.kind not in formats:
-            raise ValueError(f"No chat format for a {tokenizer.kind!r} tokenizer; known kinds: {sorted(formats)}.")
-        return formats[tokenizer.kind](tokenizer)
+    def for_tokenizer(tokenizer: "Tokenizer") -> "ChatFormat":
+        return ChatFormat(tokenizer)
 
     def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
         raise NotImplementedError
@@ -57,6 +61,19 @@ class ChatFormat:
 
 
 chat_format_for = ChatFormat.for_tokenizer
+
+
+def _layout_for(tokenizer: "Tokenizer") -> type:
+    # The one place that maps tokenizer kind -> chat layout.
+    if tokenizer.kind == "huggingface":  # converted models of any family: their chat template tells
+        return _huggingface_chat_format(tokenizer)
+    formats = {
+        "sentencepiece": Llama2ChatFormat,
+        "tiktoken": Llama3ChatFormat,
+    }
+    if tokenizer.kind not in formats:
+        raise ValueError(f"No chat format for a {tokenizer.kind!r} tokenizer; known kinds: {sorted(formats)}.")
+    return formats[tokenizer.kind]
 
 
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -106,19 +123,24 @@ class Llama2ChatFormat(ChatFormat):
 class Llama3ChatFormat(ChatFormat):
     """Llama 3 chat: header tokens around each role, <|eot_id|> after each message."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: "Tokenizer"):
         super().__init__(tokenizer)
         self.begin_of_text = tokenizer.token_id("<|begin_of_text|>")
         self.start_header = tokenizer.token_id("<|start_header_id|>")
         self.end_header = tokenizer.token_id("<|end_header_id|>")
         self.eot = tokenizer.token_id("<|eot_id|>")
 
+    def encode_header(self, message: Message) -> List[int]:
+        """Meta llama3's method: the header that opens the message's turn."""
+        return self._encode_header(message["role"])
+
     def _encode_header(self, role: str) -> List[int]:
         encode = self.tokenizer.encode
+        role = "ipython" if role == "tool" else role  # as llama-models writes a tool's turn
         return [self.start_header] + encode(role, bos=False, eos=False) + [self.end_header] + encode("\n\n", bos=False, eos=False)
 
     def encode_message(self, message: Message) -> List[int]:
-        # encode() never yields special ids, so content spelling "<|eot_id|>" stays text.
+        # encode() yields no special ids by default, so content spelling "<|eot_id|>" stays text.
         content = self.tokenizer.encode(message["content"].strip(), bos=False, eos=False)
         return self._encode_header(message["role"]) + content + [self.eot]
 
@@ -139,7 +161,7 @@ class ChatMLFormat(ChatFormat):
     A template that writes a default system message when the dialog has none (SmolLM2's does)
     gets it here too, so prompts equal the model's own template."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: "Tokenizer"):
         super().__init__(tokenizer)
         self.im_start = tokenizer.token_id("<|im_start|>")
         self.im_end = tokenizer.token_id("<|im_end|>")
@@ -171,7 +193,7 @@ def default_system_message(template: Optional[str]) -> Optional[str]:
     return match.group(1).replace("\\n", "\n") if match else None
 
 
-def _huggingface_chat_format(tokenizer: Tokenizer) -> type:
+def _huggingface_chat_format(tokenizer: "Tokenizer") -> type:
     """The layout a converted model was tuned on: its chat template's markers decide, else its
     special tokens, else Llama 2's plain-text [INST] layout."""
     markers = [("<|start_header_id|>", Llama3ChatFormat), ("<|im_start|>", ChatMLFormat),

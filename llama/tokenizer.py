@@ -3,14 +3,19 @@ Face tokenizer.json, run by the `tokenizers` library).
 
 `Tokenizer(path)` looks at the file's content and returns the matching
 subclass, so callers never need to know which model family they hold.
+
+The module is laid out as Meta's llama3 `llama/tokenizer.py`: it also exports `ChatFormat`,
+`Dialog`, `Message` and `Role` (defined in llama/chat_format.py), so
+`from llama.tokenizer import ChatFormat, Tokenizer` works as in Meta's code.
 """
 
 import base64
 import json
+import operator
 import os
 import re
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence, Union
+from typing import AbstractSet, Collection, Dict, Iterator, List, Literal, Sequence, Union
 
 import sentencepiece
 import tiktoken
@@ -37,6 +42,22 @@ def _check_text(s: object) -> None:
     # SentencePiece would silently batch-encode a list, so check up front.
     if not isinstance(s, str):
         raise TypeError(f"encode() takes a str, got {type(s).__name__}.")
+
+
+def _ids(t: Union[int, Sequence[int]]) -> List[int]:
+    """decode()'s argument as a list of ids: one id (as Llama 2's SentencePiece decode takes) or
+    a sequence of them."""
+    try:
+        return [operator.index(t)]  # an int, or a 0-d integer tensor
+    except TypeError:
+        return [int(x) for x in t]
+
+
+def _all_strings(items: object) -> bool:
+    return isinstance(items, Collection) and all(isinstance(t, str) for t in items)
+
+
+SpecialSet = Union[Literal["all"], AbstractSet[str]]
 
 
 def detect_tokenizer_kind(model_path: PathLike) -> str:
@@ -80,10 +101,57 @@ class Tokenizer:
         # Python then calls cls.__init__ with the same arguments.
         return super().__new__(cls)
 
-    def encode(self, s: str, *, bos: bool, eos: bool) -> List[int]:
+    def encode(self, s: str, bos: bool, eos: bool, *, allowed_special: Union[SpecialSet, None] = frozenset(),
+               disallowed_special: Union[Literal["all"], Collection[str]] = ()) -> List[int]:
+        """Token ids of `s`, with the BOS id first if bos and the EOS id last if eos. bos and eos
+        may be passed by position (Llama 2) or by name (Llama 3).
+
+        allowed_special / disallowed_special mean what they mean in tiktoken (and Meta's Llama 3
+        tokenizer), with Meta's defaults: text spelling a special token is plain text unless that
+        token is in allowed_special ("all" or a set of token strings), then it becomes the special
+        id; text holding a string of disallowed_special ("all": every special token not allowed)
+        raises ValueError. Defaults: nothing allowed, nothing disallowed."""
+        _check_text(s)
+        allowed = self._allowed_specials(allowed_special)
+        self._check_disallowed(s, allowed, disallowed_special)
+        ids = self._encode(s, allowed)
+        return ([self.bos_id] if bos and self._adds_bos() else []) + ids + (
+            [self.eos_id] if eos and self.eos_id >= 0 else [])
+
+    def _encode(self, s: str, allowed: AbstractSet[str]) -> List[int]:
+        """Ids of s without BOS/EOS; text spelling a token of `allowed` becomes that token's id."""
         raise NotImplementedError
 
-    def decode(self, t: Sequence[int]) -> str:
+    def _adds_bos(self) -> bool:
+        return self.bos_id >= 0
+
+    def _allowed_specials(self, allowed_special) -> AbstractSet[str]:
+        if allowed_special is None:  # llama-models' default spelling of "nothing allowed"
+            return frozenset()
+        if allowed_special == "all":
+            return frozenset(self.special_tokens)
+        if isinstance(allowed_special, str) or not _all_strings(allowed_special):
+            raise ValueError(f"allowed_special must be 'all' or a set of special-token strings, e.g. "
+                             f"{{'<|eot_id|>'}}; got {allowed_special!r}")
+        return frozenset(allowed_special)
+
+    def _check_disallowed(self, s: str, allowed: AbstractSet[str], disallowed_special) -> None:
+        if disallowed_special == "all":
+            disallowed = set(self.special_tokens) - allowed
+        elif isinstance(disallowed_special, str) or not _all_strings(disallowed_special):
+            raise ValueError(f"disallowed_special must be 'all' or a collection of strings, e.g. "
+                             f"('<|eot_id|>',); got {disallowed_special!r}")
+        else:
+            disallowed = set(disallowed_special)
+        found = [(s.find(t), t) for t in disallowed if t in s]
+        if found:
+            token = min(found)[1]
+            raise ValueError(
+                f"the text holds {token!r}, which disallowed_special forbids; pass allowed_special={{{token!r}}} "
+                f"to encode it as the special token, or disallowed_special=() to encode it as plain text")
+
+    def decode(self, t: Union[int, Sequence[int]]) -> str:
+        """The text of one id or of a sequence of ids."""
         raise NotImplementedError
 
     def decode_bytes(self, t: Sequence[int]) -> bytes:
@@ -145,13 +213,20 @@ class SentencePieceTokenizer(Tokenizer):
             return self.model.decode([i]).encode("utf-8")
         return self.model.id_to_piece(i).replace("\u2581", " ").encode("utf-8")
 
-    def encode(self, s: str, *, bos: bool, eos: bool) -> List[int]:
-        _check_text(s)
-        ids = self.model.encode(s)
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+    @property
+    def sp_model(self) -> sentencepiece.SentencePieceProcessor:
+        """Llama 2's name for the SentencePiece processor."""
+        return self.model
 
-    def decode(self, t: Sequence[int]) -> str:
-        return self.model.decode([int(x) for x in t])
+    def _encode(self, s: str, allowed: AbstractSet[str]) -> List[int]:
+        if allowed & set(self.special_tokens):
+            raise ValueError(
+                f"a SentencePiece (Llama 2) tokenizer does not turn text into special tokens "
+                f"(allowed_special={sorted(allowed)}), as in Meta's Llama 2; add BOS/EOS with bos=True / eos=True")
+        return self.model.encode(s)
+
+    def decode(self, t: Union[int, Sequence[int]]) -> str:
+        return self.model.decode(_ids(t))
 
     def decode_bytes(self, t: Sequence[int]) -> bytes:
         out = b"".join(self._piece_bytes[int(x)] for x in t)
@@ -234,6 +309,8 @@ class TiktokenTokenizer(Tokenizer):
     """Llama 3 / 3.x tokenizer: tiktoken BPE plus 256 special tokens."""
 
     kind = "tiktoken"
+    num_reserved_special_tokens = _LLAMA3_NUM_SPECIAL  # Meta's class attributes
+    pat_str = _LLAMA3_PATTERN
 
     def __init__(self, model_path: PathLike):
         path = Path(model_path)
@@ -257,26 +334,21 @@ class TiktokenTokenizer(Tokenizer):
         # The base model has no pad token; <|finetune_right_pad_id|> is still
         # reachable through token_id().
         self.pad_id = -1
-        self.stop_tokens = [
-            self.eos_id,
-            self.special_tokens["<|eom_id|>"],
-            self.special_tokens["<|eot_id|>"],
-        ]
+        self.eot_id = self.special_tokens["<|eot_id|>"]  # llama-models' names
+        self.eom_id = self.special_tokens["<|eom_id|>"]
+        self.python_tag_id = self.special_tokens["<|python_tag|>"]
+        self.stop_tokens = [self.eos_id, self.eom_id, self.eot_id]
 
-    def encode(self, s: str, *, bos: bool, eos: bool) -> List[int]:
-        _check_text(s)
-        ids: List[int] = [self.bos_id] if bos else []
+    def _encode(self, s: str, allowed: AbstractSet[str]) -> List[int]:
+        ids: List[int] = []
         for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
             for piece in _split_long_runs(s[i : i + TIKTOKEN_MAX_ENCODE_CHARS], MAX_RUN_CHARS):
-                # encode_ordinary == encode(allowed_special=set(), disallowed_special=()):
-                # text that spells "<|eot_id|>" stays plain text, never the special id.
-                ids.extend(self.model.encode_ordinary(piece))
-        if eos:
-            ids.append(self.eos_id)
+                # Disallowed text was refused by encode() already; here the rest is plain text.
+                ids.extend(self.model.encode(piece, allowed_special=allowed, disallowed_special=()))
         return ids
 
-    def decode(self, t: Sequence[int]) -> str:
-        return self.model.decode([int(x) for x in t])
+    def decode(self, t: Union[int, Sequence[int]]) -> str:
+        return self.model.decode(_ids(t))
 
     def decode_bytes(self, t: Sequence[int]) -> bytes:
         return self.model.decode_bytes([int(x) for x in t])
@@ -310,7 +382,7 @@ class HuggingFaceTokenizer(Tokenizer):
 
     encode(bos=True) adds the BOS token only for models whose own tokenizer does (add_bos_token);
     SmolLM2, for one, starts its texts without it. Text spelling a special token ("<|im_end|>")
-    is always encoded as plain text, never as the special id."""
+    is encoded as plain text unless allowed_special names it, as with the other kinds."""
 
     kind = "huggingface"
     # End-of-turn tokens of the chat formats: replies stop at them whenever the model has them.
@@ -369,16 +441,28 @@ class HuggingFaceTokenizer(Tokenizer):
                              f"have; the two files belong to different models")
         return token_id
 
-    def encode(self, s: str, *, bos: bool, eos: bool) -> List[int]:
-        _check_text(s)
-        ids = [self.bos_id] if bos and self.add_bos else []
-        ids += self.model.encode(s, add_special_tokens=False).ids
-        if eos and self.eos_id >= 0:
-            ids.append(self.eos_id)
+    def _adds_bos(self) -> bool:
+        return self.add_bos
+
+    def _encode(self, s: str, allowed: AbstractSet[str]) -> List[int]:
+        allowed = sorted(allowed & set(self.special_tokens), key=len, reverse=True)
+        if not allowed:
+            return self.model.encode(s, add_special_tokens=False).ids
+        # As tiktoken does: cut the text at each allowed special token (the longest first where two
+        # start at the same place), encode the text between as plain text.
+        ids: List[int] = []
+        start = 0
+        for match in re.finditer("|".join(map(re.escape, allowed)), s):
+            if match.start() > start:
+                ids += self.model.encode(s[start:match.start()], add_special_tokens=False).ids
+            ids.append(self.special_tokens[match.group()])
+            start = match.end()
+        if start < len(s):
+            ids += self.model.encode(s[start:], add_special_tokens=False).ids
         return ids
 
-    def decode(self, t: Sequence[int]) -> str:
-        return self.model.decode([int(x) for x in t], skip_special_tokens=False)
+    def decode(self, t: Union[int, Sequence[int]]) -> str:
+        return self.model.decode(_ids(t), skip_special_tokens=False)
 
     def decode_bytes(self, t: Sequence[int]) -> bytes:
         if self._piece_bytes is None:
@@ -420,3 +504,7 @@ _TOKENIZER_CLASSES = {
     "tiktoken": TiktokenTokenizer,
     "huggingface": HuggingFaceTokenizer,
 }
+
+# Meta's llama3 keeps the chat format in this module; ours lives in llama/chat_format.py (which
+# needs Tokenizer defined above, hence the import at the end).
+from .chat_format import ChatFormat, Dialog, Message, Role  # noqa: E402,F401
