@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 #
-# Download Llama 2 / Llama 3.x weights with the signed URL that Meta sends by
-# email after the license has been accepted.
+# Download Llama 2 / Llama 3 / Llama 3.1, 3.2, 3.3 weights with the signed URL
+# that Meta sends by email after the license has been accepted.
 #
 # Usage:
-#   ./download.sh [--family llama2|llama3]
+#   ./download.sh [--family llama2|llama3|llama3.1|llama3.2|llama3.3]
 #
 # Interactive: the script asks for the URL and for the models to fetch.
 # Non-interactive: set the environment variables below and nothing is asked.
 #   PRESIGNED_URL    signed URL from the email (it contains a '*')
-#   MODEL_SIZE       comma-separated model names; empty means "all models of
-#                    the family" (same as pressing Enter at the prompt)
+#   MODEL_SIZE       comma-separated model names; empty is what pressing Enter
+#                    means in Meta's script for the family (see below)
 #   TARGET_FOLDER    where to put the files (default: current directory)
-#   LLAMA_FAMILY     llama2 or llama3 (same as --family); normally inferred
-#                    from the model names
+#   LLAMA_FAMILY     same as --family; normally inferred from the model names
 #   LLAMA_DOWNLOADER wget or curl (default: wget when installed, else curl)
+#
+# Model names are Meta's (any case): Llama 2: 7B, 13B, 70B, 7B-chat, 13B-chat,
+# 70B-chat; Llama 3: 8B, 8B-instruct, 70B, 70B-instruct; Llama 3.1/3.2/3.3:
+# llama-models' model ids (Llama3.1-8B, Llama3.2-1B-Instruct, ...). Enter means
+# all Llama 2 models (all Llama 3 models with --family llama3); Meta's 3.x
+# downloader has no "all", so 3.x models are always named.
 #
 # Re-running the script resumes interrupted shard downloads.
 #
@@ -24,29 +29,50 @@
 set -euo pipefail
 
 # ---------------------------------------------------------------------------
-# Model table: the only place that knows which models exist.
-# Columns: name, family, folder (local folder == path in the bucket), shards.
-# Add a line here to support a new model.
+# Model table: the only place that knows which models exist and where Meta's
+# server keeps them (a file's URL is the signed URL with '*' replaced by
+# "<bucket folder>/<file>").
+# Columns: name, family, bucket folder, local folder, shards, extra files
+# ("fp8": fp8_scales_NN.pt per shard), listed at the prompt (no: an alias).
+#   llama2:  Meta's llama download.sh (shared tokenizer at the top)
+#   llama3:  Meta's llama3 download.sh (LICENSE and USE_POLICY at the top)
+#   llama3x: llama-models' downloader (sku_list.py: the folder is the model's
+#            Hugging Face repository name; the name is the llama-models id)
 # ---------------------------------------------------------------------------
 MODEL_TABLE='
-7B                          llama2  llama-2-7b                  1
-13B                         llama2  llama-2-13b                 2
-70B                         llama2  llama-2-70b                 8
-7B-chat                     llama2  llama-2-7b-chat             1
-13B-chat                    llama2  llama-2-13b-chat            2
-70B-chat                    llama2  llama-2-70b-chat            8
-Meta-Llama-3-8B             llama3  Meta-Llama-3-8B             1
-Meta-Llama-3-8B-Instruct    llama3  Meta-Llama-3-8B-Instruct    1
-Meta-Llama-3-70B            llama3  Meta-Llama-3-70B            8
-Meta-Llama-3-70B-Instruct   llama3  Meta-Llama-3-70B-Instruct   8
-Llama3.1-8B                 llama3  Llama3.1-8B                 1
-Llama3.1-8B-Instruct        llama3  Llama3.1-8B-Instruct        1
-Llama3.1-70B                llama3  Llama3.1-70B                8
-Llama3.1-70B-Instruct       llama3  Llama3.1-70B-Instruct       8
-Llama3.2-1B                 llama3  Llama3.2-1B                 1
-Llama3.2-1B-Instruct        llama3  Llama3.2-1B-Instruct        1
-Llama3.2-3B                 llama3  Llama3.2-3B                 1
-Llama3.2-3B-Instruct        llama3  Llama3.2-3B-Instruct        1
+7B                                        llama2   llama-2-7b                                llama-2-7b                                1  -    yes
+13B                                       llama2   llama-2-13b                               llama-2-13b                               2  -    yes
+70B                                       llama2   llama-2-70b                               llama-2-70b                               8  -    yes
+7B-chat                                   llama2   llama-2-7b-chat                           llama-2-7b-chat                           1  -    yes
+13B-chat                                  llama2   llama-2-13b-chat                          llama-2-13b-chat                          2  -    yes
+70B-chat                                  llama2   llama-2-70b-chat                          llama-2-70b-chat                          8  -    yes
+8B                                        llama3   8b_pre_trained                            Meta-Llama-3-8B                           1  -    yes
+8B-instruct                               llama3   8b_instruction_tuned                      Meta-Llama-3-8B-Instruct                  1  -    yes
+70B                                       llama3   70b_pre_trained                           Meta-Llama-3-70B                          8  -    yes
+70B-instruct                              llama3   70b_instruction_tuned                     Meta-Llama-3-70B-Instruct                 8  -    yes
+Meta-Llama-3-8B                           llama3   8b_pre_trained                            Meta-Llama-3-8B                           1  -    no
+Meta-Llama-3-8B-Instruct                  llama3   8b_instruction_tuned                      Meta-Llama-3-8B-Instruct                  1  -    no
+Meta-Llama-3-70B                          llama3   70b_pre_trained                           Meta-Llama-3-70B                          8  -    no
+Meta-Llama-3-70B-Instruct                 llama3   70b_instruction_tuned                     Meta-Llama-3-70B-Instruct                 8  -    no
+Llama3.1-8B                               llama3x  Llama-3.1-8B                              Llama3.1-8B                               1  -    yes
+Llama3.1-8B-Instruct                      llama3x  Llama-3.1-8B-Instruct                     Llama3.1-8B-Instruct                      1  -    yes
+Llama3.1-70B                              llama3x  Llama-3.1-70B                             Llama3.1-70B                              8  -    yes
+Llama3.1-70B-Instruct                     llama3x  Llama-3.1-70B-Instruct                    Llama3.1-70B-Instruct                     8  -    yes
+Llama3.1-405B                             llama3x  Llama-3.1-405B                            Llama3.1-405B                             8  fp8  yes
+Llama3.1-405B:bf16-mp8                    llama3x  Llama-3.1-405B-MP8                        Llama3.1-405B-bf16-mp8                    8  -    yes
+Llama3.1-405B:bf16-mp16                   llama3x  Llama-3.1-405B-MP16                       Llama3.1-405B-bf16-mp16                   16 -    yes
+Llama3.1-405B-Instruct                    llama3x  Llama-3.1-405B-Instruct                   Llama3.1-405B-Instruct                    8  fp8  yes
+Llama3.1-405B-Instruct:bf16-mp8           llama3x  Llama-3.1-405B-Instruct-MP8               Llama3.1-405B-Instruct-bf16-mp8           8  -    yes
+Llama3.1-405B-Instruct:bf16-mp16          llama3x  Llama-3.1-405B-Instruct-MP16              Llama3.1-405B-Instruct-bf16-mp16          16 -    yes
+Llama3.2-1B                               llama3x  Llama-3.2-1B                              Llama3.2-1B                               1  -    yes
+Llama3.2-1B-Instruct                      llama3x  Llama-3.2-1B-Instruct                     Llama3.2-1B-Instruct                      1  -    yes
+Llama3.2-3B                               llama3x  Llama-3.2-3B                              Llama3.2-3B                               1  -    yes
+Llama3.2-3B-Instruct                      llama3x  Llama-3.2-3B-Instruct                     Llama3.2-3B-Instruct                      1  -    yes
+Llama3.2-1B-Instruct:int4-qlora-eo8       llama3x  Llama-3.2-1B-Instruct-QLORA_INT4_EO8      Llama3.2-1B-Instruct-int4-qlora-eo8       1  -    yes
+Llama3.2-1B-Instruct:int4-spinquant-eo8   llama3x  Llama-3.2-1B-Instruct-SpinQuant_INT4_EO8  Llama3.2-1B-Instruct-int4-spinquant-eo8   1  -    yes
+Llama3.2-3B-Instruct:int4-qlora-eo8       llama3x  Llama-3.2-3B-Instruct-QLORA_INT4_EO8      Llama3.2-3B-Instruct-int4-qlora-eo8       1  -    yes
+Llama3.2-3B-Instruct:int4-spinquant-eo8   llama3x  Llama-3.2-3B-Instruct-SpinQuant_INT4_EO8  Llama3.2-3B-Instruct-int4-spinquant-eo8   1  -    yes
+Llama3.3-70B-Instruct                     llama3x  Llama-3.3-70B-Instruct                    Llama3.3-70B-Instruct                     8  -    yes
 '
 
 # ---------------------------------------------------------------------------
@@ -71,29 +97,40 @@ trim() {
 family_label() {
     case "$1" in
         llama2) printf 'Llama 2' ;;
-        llama3) printf 'Llama 3.x' ;;
+        llama3) printf 'Llama 3' ;;
+        llama3x) printf 'Llama 3.1/3.2/3.3' ;;
     esac
 }
 
-# Comma-separated list of the model names of one family.
+# Comma-separated list of the model names of one family shown at the prompt.
 models_of_family() {
-    local want="$1" name fam dir shards out=""
-    while read -r name fam dir shards; do
-        [[ -z "$name" || "$fam" != "$want" ]] && continue
+    local want="$1" name fam remote dest shards extra listed out=""
+    while read -r name fam remote dest shards extra listed; do
+        [[ -z "$name" || "$fam" != "$want" || "$listed" != yes ]] && continue
         out="${out:+$out,}$name"
     done <<< "$MODEL_TABLE"
     printf '%s' "$out"
 }
 
-# Print "name family folder shards" for a model name (case-insensitive),
-# or return 1 when the name is unknown.
-lookup_model() {
-    local want name fam dir shards
+# Space-separated families that have a model called NAME (case-insensitive).
+families_of() {
+    local want name fam remote dest shards extra listed out=""
     want="$(lower "$1")"
-    while read -r name fam dir shards; do
+    while read -r name fam remote dest shards extra listed; do
         [[ -z "$name" ]] && continue
+        [[ "$(lower "$name")" == "$want" ]] && out="${out:+$out }$fam"
+    done <<< "$MODEL_TABLE"
+    printf '%s' "$out"
+}
+
+# Print the table row "name family remote local shards extra" of model NAME in
+# FAMILY (case-insensitive), or return 1 when that family has no such model.
+lookup_model() {
+    local want="$(lower "$1")" family="$2" name fam remote dest shards extra listed
+    while read -r name fam remote dest shards extra listed; do
+        [[ -z "$name" || "$fam" != "$family" ]] && continue
         if [[ "$(lower "$name")" == "$want" ]]; then
-            printf '%s %s %s %s\n' "$name" "$fam" "$dir" "$shards"
+            printf "%s %s %s %s %s %s\n" "$name" "$fam" "$remote" "$dest" "$shards" "$extra"
             return 0
         fi
     done <<< "$MODEL_TABLE"
@@ -103,19 +140,21 @@ lookup_model() {
 valid_names_message() {
     printf 'Valid model names:\n'
     printf '  Llama 2:   %s\n' "$(models_of_family llama2 | sed 's/,/, /g')"
-    printf '  Llama 3.x: %s\n' "$(models_of_family llama3 | sed 's/,/, /g')"
+    printf '  Llama 3:   %s\n' "$(models_of_family llama3 | sed 's/,/, /g')"
+    printf '  Llama 3.1/3.2/3.3: %s\n' "$(models_of_family llama3x | sed 's/,/, /g')"
 }
 
 normalize_family() {
     case "$(lower "$1")" in
         llama2 | llama-2 | 2) printf 'llama2' ;;
-        llama3 | llama-3 | 3 | llama3.1 | llama3.2) printf 'llama3' ;;
+        llama3 | llama-3 | 3) printf 'llama3' ;;
+        llama3.[123] | llama-3.[123] | 3.[123] | llama3.x | 3.x) printf 'llama3x' ;;
         *) return 1 ;;
     esac
 }
 
 usage() {
-    sed -n '3,19p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '3,26p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 # Read one line from stdin after printing a prompt. A missing final newline
@@ -154,7 +193,7 @@ done
 if [[ -n "$FAMILY" ]]; then
     FAMILY_ARG="$FAMILY"
     FAMILY="$(normalize_family "$FAMILY_ARG")" \
-        || die "unknown model family '$FAMILY_ARG'; use llama2 or llama3"
+        || die "unknown model family '$FAMILY_ARG'; use llama2, llama3, llama3.1, llama3.2 or llama3.3"
 fi
 
 # --- signed URL -------------------------------------------------------------
@@ -177,49 +216,75 @@ URL_SUFFIX="${URL#*\*}"
 if [[ -n "${MODEL_SIZE+set}" ]]; then
     REQUESTED="$MODEL_SIZE"
 else
-    if [[ -n "$FAMILY" ]]; then
-        REQUESTED="$(ask "Enter the list of models to download without spaces ($(models_of_family "$FAMILY")), or press Enter for all: ")"
-    else
-        {
-            printf 'Available models:\n'
-            printf '  Llama 2:   %s\n' "$(models_of_family llama2)"
-            printf '  Llama 3.x: %s\n' "$(models_of_family llama3)"
-        } >&2
-        REQUESTED="$(ask "Enter the list of models to download without spaces (e.g. 7B,13B or Llama3.2-1B), or press Enter for all Llama 2 models: ")"
-    fi
+    case "$FAMILY" in
+        llama2 | llama3)
+            prompt="Enter the list of models to download without spaces ($(models_of_family "$FAMILY")), or press Enter for all: " ;;
+        llama3x)
+            prompt="Enter the list of models to download without spaces ($(models_of_family llama3x)): " ;;
+        *)
+            {
+                printf 'Available models:\n'
+                printf '  Llama 2:   %s\n' "$(models_of_family llama2)"
+                printf '  Llama 3:   %s (with --family llama3)\n' "$(models_of_family llama3)"
+                printf '  Llama 3.1/3.2/3.3: %s\n' "$(models_of_family llama3x)"
+            } >&2
+            prompt="Enter the list of models to download without spaces (e.g. 7B,13B or Llama3.2-1B), or press Enter for all Llama 2 models: " ;;
+    esac
+    REQUESTED="$(ask "$prompt")"
     [[ -t 0 ]] || printf '\n' >&2
 fi
 REQUESTED="$(trim "$REQUESTED")"
+REQ_LIST=()
+IFS=',' read -r -a REQ_LIST <<< "$REQUESTED" || true
+
+# The family: --family, else the first name that only one family has (70B is
+# both Llama 2's and Llama 3's), else Llama 2 as in Meta's first script.
+if [[ -z "$FAMILY" ]]; then
+    for raw in "${REQ_LIST[@]+"${REQ_LIST[@]}"}"; do
+        fams="$(families_of "$(trim "$raw")")"
+        if [[ -n "$fams" && "$fams" != *" "* ]]; then
+            FAMILY="$fams"
+            break
+        fi
+    done
+    FAMILY="${FAMILY:-llama2}"
+fi
+
 if [[ -z "$REQUESTED" ]]; then
-    REQUESTED="$(models_of_family "${FAMILY:-llama2}")"
+    # Enter: what it means in Meta's script for this family.
+    [[ "$FAMILY" != llama3x ]] || die "Meta's downloader for Llama 3.1, 3.2 and 3.3 has no 'all': name the models, e.g. Llama3.1-8B-Instruct,Llama3.2-1B ($(models_of_family llama3x))"
+    REQUESTED="$(models_of_family "$FAMILY")"
+    IFS=',' read -r -a REQ_LIST <<< "$REQUESTED" || true
 fi
 
 # Resolve every name before anything is downloaded.
 SEL_NAMES=()
-SEL_DIRS=()
+SEL_REMOTE=()
+SEL_LOCAL=()
 SEL_SHARDS=()
+SEL_EXTRA=()
 SEEN=","
 BAD=""
-REQ_LIST=()
-IFS=',' read -r -a REQ_LIST <<< "$REQUESTED" || true
-for raw in "${REQ_LIST[@]}"; do
+for raw in "${REQ_LIST[@]+"${REQ_LIST[@]}"}"; do
     m="$(trim "$raw")"
     [[ -z "$m" ]] && continue
-    if ! row="$(lookup_model "$m")"; then
+    if ! row="$(lookup_model "$m" "$FAMILY")"; then
+        fams="$(families_of "$m")"
+        if [[ -n "$fams" ]]; then
+            other="${fams%% *}"
+            die "'$m' is a $(family_label "$other") model but the download is for $(family_label "$FAMILY") models; one URL serves one family, so download the families separately (--family tells which one a name like 70B means)"
+        fi
         BAD="${BAD:+$BAD, }$m"
         continue
     fi
-    read -r name fam dir shards <<< "$row"
-    case "$SEEN" in *",$name,"*) continue ;; esac
-    SEEN="$SEEN$name,"
-    if [[ -z "$FAMILY" ]]; then
-        FAMILY="$fam"
-    elif [[ "$fam" != "$FAMILY" ]]; then
-        die "'$name' is a $(family_label "$fam") model but the download is for $(family_label "$FAMILY") models; one URL serves one family, so download the families separately"
-    fi
+    read -r name fam remote dest shards extra <<< "$row"
+    case "$SEEN" in *",$dest,"*) continue ;; esac
+    SEEN="$SEEN$dest,"
     SEL_NAMES+=("$name")
-    SEL_DIRS+=("$dir")
+    SEL_REMOTE+=("$remote")
+    SEL_LOCAL+=("$dest")
     SEL_SHARDS+=("$shards")
+    SEL_EXTRA+=("$extra")
 done
 if [[ -n "$BAD" ]]; then
     {
@@ -261,12 +326,13 @@ mkdir -p "$TARGET"
 # Download and verification
 # ---------------------------------------------------------------------------
 
-# fetch MODE RELPATH: download bucket file RELPATH to $TARGET/RELPATH.
+# fetch MODE REMOTE [LOCAL]: download bucket file REMOTE (the text that
+# replaces '*' in the signed URL) to $TARGET/LOCAL (default: REMOTE).
 # MODE "resume" continues a partial file; "fresh" always re-downloads.
 fetch() {
     local mode="$1" rel="$2" url out rc=0
     url="${URL_PREFIX}${rel}${URL_SUFFIX}"
-    out="$TARGET/$rel"
+    out="$TARGET/${3:-$rel}"
     if [[ "$DOWNLOADER" == wget ]]; then
         if [[ "$mode" == resume ]]; then
             wget --continue "$url" -O "$out" || rc=$?
@@ -342,9 +408,15 @@ verify() {
 
 echo "Downloading $(family_label "$FAMILY") models into $TARGET: ${SEL_NAMES[*]}"
 
-echo "Downloading LICENSE and Acceptable Usage Policy"
-fetch fresh LICENSE
-fetch fresh USE_POLICY.md
+case "$FAMILY" in
+    llama2 | llama3)
+        echo "Downloading LICENSE and Acceptable Usage Policy"
+        fetch fresh LICENSE
+        # Llama 2's policy is USE_POLICY.md, Llama 3's USE_POLICY; llama-models
+        # fetches neither for Llama 3.1/3.2/3.3.
+        if [[ "$FAMILY" == llama2 ]]; then fetch fresh USE_POLICY.md; else fetch fresh USE_POLICY; fi
+        ;;
+esac
 
 if [[ "$FAMILY" == llama2 ]]; then
     # Llama 2 models share one tokenizer at the top of the target folder.
@@ -357,25 +429,30 @@ fi
 
 for i in "${!SEL_NAMES[@]}"; do
     name="${SEL_NAMES[$i]}"
-    dir="${SEL_DIRS[$i]}"
+    remote="${SEL_REMOTE[$i]}"
+    local_dir="${SEL_LOCAL[$i]}"
     shards="${SEL_SHARDS[$i]}"
     echo "Downloading $name"
-    mkdir -p "$TARGET/$dir"
+    mkdir -p "$TARGET/$local_dir"
     s=0
     while [[ $s -lt $shards ]]; do
         echo "Downloading shard $((s + 1)) of $shards for $name"
-        fetch resume "$dir/$(printf 'consolidated.%02d.pth' "$s")"
+        shard="$(printf 'consolidated.%02d.pth' "$s")"
+        fetch resume "$remote/$shard" "$local_dir/$shard"
+        if [[ "${SEL_EXTRA[$i]}" == fp8 ]]; then
+            fetch resume "$remote/fp8_scales_$s.pt" "$local_dir/fp8_scales_$s.pt"
+        fi
         s=$((s + 1))
     done
-    fetch fresh "$dir/params.json"
-    if [[ "$FAMILY" == llama3 ]]; then
-        # Llama 3.x models each carry their own tokenizer.
+    fetch fresh "$remote/params.json" "$local_dir/params.json"
+    if [[ "$FAMILY" != llama2 ]]; then
+        # Llama 3 and 3.x models each carry their own tokenizer.
         echo "Downloading tokenizer for $name"
-        fetch resume "$dir/tokenizer.model"
+        fetch resume "$remote/tokenizer.model" "$local_dir/tokenizer.model"
     fi
-    fetch fresh "$dir/checklist.chk"
+    fetch fresh "$remote/checklist.chk" "$local_dir/checklist.chk"
     echo "Checking checksums"
-    verify "$dir" checklist.chk
+    verify "$local_dir" checklist.chk
 done
 
 echo "Done: ${SEL_NAMES[*]} downloaded to $TARGET"

@@ -1,7 +1,11 @@
-"""End-to-end tests for download.sh against a local fake of Meta's bucket.
+"""End-to-end tests for download.sh against local fakes of Meta's servers.
 
-The fake bucket is served by http.server on 127.0.0.1; the script is run with
-bash in a subprocess, exactly as a user would run it.
+Each fake bucket holds exactly one family's layout on Meta's server (so a wrong
+path is a 404 and fails the test): Llama 2 as Meta's llama download.sh fetches
+it, Llama 3 as Meta's llama3 download.sh does, Llama 3.1/3.2/3.3 as llama-models'
+downloader does (folders and files taken from llama_models.sku_list itself).
+It is served by http.server on 127.0.0.1; the script is run with bash in a
+subprocess, exactly as a user would run it.
 """
 
 import functools
@@ -27,9 +31,16 @@ LLAMA2 = {
     "13B-chat": ("llama-2-13b-chat", 2),
     "70B-chat": ("llama-2-70b-chat", 8),
 }
-LLAMA3 = {"Llama3.2-1B-Instruct": ("Llama3.2-1B-Instruct", 1)}
 TOP_FILES = ["LICENSE", "USE_POLICY.md"]
 LLAMA2_TOP = TOP_FILES + ["tokenizer.model", "tokenizer_checklist.chk"]
+# Meta's llama3 download.sh: name -> (bucket folder, local folder, shards); LICENSE and USE_POLICY on top.
+LLAMA3 = {
+    "8B": ("8b_pre_trained", "Meta-Llama-3-8B", 1),
+    "8B-instruct": ("8b_instruction_tuned", "Meta-Llama-3-8B-Instruct", 1),
+    "70B": ("70b_pre_trained", "Meta-Llama-3-70B", 8),
+    "70B-instruct": ("70b_instruction_tuned", "Meta-Llama-3-70B-Instruct", 8),
+}
+LLAMA3_TOP = ["LICENSE", "USE_POLICY"]
 SIGNATURE = "Policy=eyJTdGF0ZW1lbnQi%3D&Signature=abc~def&Key-Pair-Id=K2TEST"
 
 TIMEOUT = 60
@@ -70,54 +81,100 @@ class BucketHandler(SimpleHTTPRequestHandler):
         pass
 
 
-def _write_model(root, folder, shards, rnd, with_tokenizer):
+def _write_model(root, folder, files, size=40_000):
+    """Writes folder/<file> for every file name (random bytes; params.json a small JSON) and a
+    checklist.chk holding their md5 sums."""
     d = root / folder
     d.mkdir(parents=True)
-    files = {}
-    for i in range(shards):
-        files[f"consolidated.{i:02d}.pth"] = rnd(40_000 + 1_000 * i)
-    files["params.json"] = b'{"dim": 64, "n_layers": 2, "n_heads": 4}\n'
-    if with_tokenizer:
-        files["tokenizer.model"] = rnd(3_000)
-    for name, data in files.items():
+    written = {}
+    for i, name in enumerate(f for f in files if f != "checklist.chk"):
+        data = b'{"dim": 64, "n_layers": 2, "n_heads": 4}\n' if name == "params.json" else os.urandom(size + 100 * i)
         (d / name).write_bytes(data)
-    (d / "checklist.chk").write_text(
-        "".join(f"{_md5(data)}  {name}\n" for name, data in files.items())
-    )
+        written[name] = data
+    (d / "checklist.chk").write_text("".join(f"{_md5(data)}  {name}\n" for name, data in written.items()))
+
+
+def _shards(n):
+    return [f"consolidated.{i:02d}.pth" for i in range(n)]
+
+
+def _top(root, names):
+    for name in names:
+        (root / name).write_text(f"{name} (test copy)\n")
 
 
 @pytest.fixture
-def bucket(tmp_path):
-    """Fake bucket with every Llama 2 model and one Llama 3.2 model."""
-    root = tmp_path / "bucket"
-    root.mkdir()
-    rnd = os.urandom
+def serve():
+    """serve(root): an HTTP server for the folder `root`, stopped after the test."""
+    servers = []
 
-    (root / "LICENSE").write_text("LLAMA COMMUNITY LICENSE AGREEMENT (test copy)\n")
-    (root / "USE_POLICY.md").write_text("# Acceptable Use Policy (test copy)\n")
-    tok = rnd(5_000)
-    (root / "tokenizer.model").write_bytes(tok)
-    (root / "tokenizer_checklist.chk").write_text(f"{_md5(tok)}  tokenizer.model\n")
-    for folder, shards in LLAMA2.values():
-        _write_model(root, folder, shards, rnd, with_tokenizer=False)
-    for folder, shards in LLAMA3.values():
-        _write_model(root, folder, shards, rnd, with_tokenizer=True)
+    def start(root):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(BucketHandler, directory=str(root)))
+        server.daemon_threads = True
+        server.requests = []
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        server.root = root
+        server.url = f"http://127.0.0.1:{server.server_address[1]}/*?{SIGNATURE}"
+        servers.append((server, thread))
+        return server
 
-    server = ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(BucketHandler, directory=str(root))
-    )
-    server.daemon_threads = True
-    server.requests = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    server.root = root
-    server.url = f"http://127.0.0.1:{server.server_address[1]}/*?{SIGNATURE}"
-    try:
-        yield server
-    finally:
+    yield start
+    for server, thread in servers:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+@pytest.fixture
+def bucket(tmp_path, serve):
+    """Meta's Llama 2 server: LICENSE, USE_POLICY.md and the shared tokenizer on top, one
+    lower-case folder per model."""
+    root = tmp_path / "bucket"
+    root.mkdir()
+    _top(root, TOP_FILES)
+    tok = os.urandom(5_000)
+    (root / "tokenizer.model").write_bytes(tok)
+    (root / "tokenizer_checklist.chk").write_text(f"{_md5(tok)}  tokenizer.model\n")
+    for folder, shards in LLAMA2.values():
+        _write_model(root, folder, _shards(shards) + ["params.json", "checklist.chk"])
+    return serve(root)
+
+
+@pytest.fixture
+def llama3_bucket(tmp_path, serve):
+    """Meta's Llama 3 server, as its llama3 download.sh reads it."""
+    root = tmp_path / "bucket3"
+    root.mkdir()
+    _top(root, LLAMA3_TOP)
+    for folder, _, shards in LLAMA3.values():
+        _write_model(root, folder, _shards(shards) + ["params.json", "tokenizer.model", "checklist.chk"])
+    return serve(root)
+
+
+def llama3x_models():
+    """llama-models' text models of Llama 3.1, 3.2 and 3.3: model id -> (bucket folder, files),
+    straight from its downloader's table."""
+    from llama_models.sku_list import all_registered_models, llama_meta_net_info
+
+    models = {}
+    for model in all_registered_models():
+        name = model.descriptor()
+        if name.startswith(("Llama3.1-", "Llama3.2-", "Llama3.3-")) and "Vision" not in name:
+            info = llama_meta_net_info(model)
+            models[name] = (info.folder, info.files)
+    return models
+
+
+@pytest.fixture
+def llama3x_bucket(tmp_path, serve):
+    """The server llama-models downloads Llama 3.1/3.2/3.3 from: the signed URL's '*' becomes
+    <folder>/<file>; nothing else is on it."""
+    root = tmp_path / "bucket3x"
+    root.mkdir()
+    for folder, files in llama3x_models().values():
+        _write_model(root, folder, files, size=2_000)
+    return serve(root)
 
 
 def run_script(tmp_path, *args, env=None, stdin_text=None):
@@ -197,18 +254,75 @@ def test_llama2_full_download(bucket, tmp_path, downloader):
     assert_same_files(bucket.root, target, expected)
 
 
-def test_llama3_download(bucket, tmp_path):
-    target = tmp_path / "out"
-    r = run_script(tmp_path, env=env_for(bucket, target, "Llama3.2-1B-Instruct"))
-    assert r.returncode == 0, r.output
+def served_files(bucket):
+    return sorted(str(p.relative_to(bucket.root)) for p in bucket.root.rglob("*") if p.is_file())
 
-    files = model_files(bucket.root, "Llama3.2-1B-Instruct")
-    assert "Llama3.2-1B-Instruct/tokenizer.model" in files
-    assert_same_files(bucket.root, target, TOP_FILES + files)
-    assert not (target / "tokenizer.model").exists()  # no shared Llama 2 tokenizer
-    assert "/tokenizer_checklist.chk" not in paths_requested(bucket)
-    assert "Downloading shard 1 of 1 for Llama3.2-1B-Instruct" in r.output
+
+def test_llama3_enter_means_all_four_in_metas_folders(llama3_bucket, tmp_path):
+    target = tmp_path / "out"
+    r = run_script(tmp_path, "--family", "llama3", env=env_for(llama3_bucket, target, ""))
+    assert r.returncode == 0, r.output
+    # Every file of the server fetched once, nothing else asked for (USE_POLICY has no .md here).
+    assert sorted(p.lstrip("/") for p in paths_requested(llama3_bucket)) == served_files(llama3_bucket)
+    for folder, local, shards in LLAMA3.values():
+        for name in _shards(shards) + ["params.json", "tokenizer.model", "checklist.chk"]:
+            assert (target / local / name).read_bytes() == (llama3_bucket.root / folder / name).read_bytes()
+        assert not (target / folder).exists()
+    assert_same_files(llama3_bucket.root, target, LLAMA3_TOP)
+    assert "Downloading shard 8 of 8 for 70B-instruct" in r.output
+    assert "Meta-Llama-3-70B-Instruct/consolidated.07.pth: OK" in r.output
+
+
+def test_llama3_names_in_any_case_and_our_folder_names(llama3_bucket, tmp_path):
+    """Meta's script takes 8b / 8B-Instruct / 8b-instruct ...; the local folder names are our
+    older names for the same models. 70B alone would be Llama 2's: 8b tells the family."""
+    target = tmp_path / "out"
+    r = run_script(tmp_path, env=env_for(llama3_bucket, target, "8b,70b-Instruct,Meta-Llama-3-8B"))
+    assert r.returncode == 0, r.output
+    assert (target / "Meta-Llama-3-8B" / "tokenizer.model").is_file()
+    assert (target / "Meta-Llama-3-70B-Instruct" / "consolidated.07.pth").is_file()
+    assert not (target / "Meta-Llama-3-8B-Instruct").exists()
+    assert paths_requested(llama3_bucket).count("/8b_pre_trained/consolidated.00.pth") == 1
+
+
+def test_llama3_interactive_prompt_lists_metas_names(llama3_bucket, tmp_path):
+    r = run_script(tmp_path, "--family=llama3", stdin_text=f"{llama3_bucket.url}\n8B-instruct\n")
+    assert r.returncode == 0, r.output
+    assert "(8B,8B-instruct,70B,70B-instruct), or press Enter for all" in r.output
+    assert (tmp_path / "Meta-Llama-3-8B-Instruct" / "consolidated.00.pth").is_file()
+
+
+def test_llama3x_every_model_where_llama_models_finds_it(llama3x_bucket, tmp_path):
+    models = llama3x_models()
+    assert len(models) == 19 and "Llama3.3-70B-Instruct" in models
+    target = tmp_path / "out"
+    r = run_script(tmp_path, env=env_for(llama3x_bucket, target, ",".join(models)))
+    assert r.returncode == 0, r.output
+    # Exactly llama-models' URLs: '*' -> <folder>/<file> for each file it lists; no LICENSE.
+    expected = sorted(f"{folder}/{name}" for folder, files in models.values() for name in files)
+    assert sorted(p.lstrip("/") for p in paths_requested(llama3x_bucket)) == expected
+    for name, (folder, files) in models.items():
+        local = target / name.replace(":", "-")  # llama-models' local folder for a model id
+        for file in files:
+            assert (local / file).read_bytes() == (llama3x_bucket.root / folder / file).read_bytes(), (name, file)
+    assert "Llama3.1-405B-bf16-mp16/consolidated.15.pth: OK" in r.output
+
+
+def test_llama3x_names_in_any_case_with_the_family_flag(llama3x_bucket, tmp_path):
+    target = tmp_path / "out"
+    r = run_script(tmp_path, "--family", "llama3.2", env=env_for(llama3x_bucket, target, "llama3.2-1b-instruct"))
+    assert r.returncode == 0, r.output
+    assert sorted(paths_requested(llama3x_bucket)) == sorted(
+        f"/Llama-3.2-1B-Instruct/{f}" for f in ["checklist.chk", "tokenizer.model", "params.json",
+                                                 "consolidated.00.pth"])
     assert "Llama3.2-1B-Instruct/tokenizer.model: OK" in r.output
+
+
+def test_llama3x_enter_asks_for_names(llama3x_bucket, tmp_path):
+    r = run_script(tmp_path, "--family", "llama3.1", env=env_for(llama3x_bucket, tmp_path / "out", ""))
+    assert r.returncode != 0
+    assert "no 'all': name the models" in r.output and "Llama3.1-405B:bf16-mp16" in r.output
+    assert llama3x_bucket.requests == []
 
 
 def test_family_flag_enter_means_all(bucket, tmp_path):
@@ -268,10 +382,10 @@ def test_corrupted_file_fails_checksum(bucket, tmp_path, rel):
     assert "delete" in r.output
 
 
-def test_wrong_size_file_fails_checksum_llama3(bucket, tmp_path):
-    f = bucket.root / "Llama3.2-1B-Instruct" / "tokenizer.model"
+def test_wrong_size_file_fails_checksum_llama3x(llama3x_bucket, tmp_path):
+    f = llama3x_bucket.root / "Llama-3.2-1B-Instruct" / "tokenizer.model"
     f.write_bytes(f.read_bytes()[:-10])
-    r = run_script(tmp_path, env=env_for(bucket, tmp_path / "out", "Llama3.2-1B-Instruct"))
+    r = run_script(tmp_path, env=env_for(llama3x_bucket, tmp_path / "out", "Llama3.2-1B-Instruct"))
     assert r.returncode != 0
     assert "Llama3.2-1B-Instruct/tokenizer.model: FAILED" in r.output
 
@@ -294,6 +408,19 @@ def test_resume_partial_shard(bucket, tmp_path, downloader):
     assert ranges == [f"bytes={half}-"]
 
 
+def test_resume_into_a_local_folder_named_otherwise(llama3_bucket, tmp_path):
+    """Llama 3: the bucket folder (8b_instruction_tuned) is not the local one."""
+    full = (llama3_bucket.root / "8b_instruction_tuned" / "consolidated.00.pth").read_bytes()
+    target = tmp_path / "out"
+    (target / "Meta-Llama-3-8B-Instruct").mkdir(parents=True)
+    (target / "Meta-Llama-3-8B-Instruct" / "consolidated.00.pth").write_bytes(full[:1000])
+    r = run_script(tmp_path, env=env_for(llama3_bucket, target, "8B-instruct"))
+    assert r.returncode == 0, r.output
+    assert (target / "Meta-Llama-3-8B-Instruct" / "consolidated.00.pth").read_bytes() == full
+    ranges = [rng for p, rng in llama3_bucket.requests if p.startswith("/8b_instruction_tuned/consolidated.00.pth")]
+    assert ranges == ["bytes=1000-"]
+
+
 @pytest.mark.parametrize(
     "models, bad",
     [("7B,42B", "42B"), ("Llama3.2-2B", "Llama3.2-2B"), ("llama-2-7b", "llama-2-7b")],
@@ -308,18 +435,19 @@ def test_unknown_model_name(bucket, tmp_path, models, bad):
     assert not target.exists()
 
 
-def test_mixed_families_rejected(bucket, tmp_path):
+@pytest.mark.parametrize("models", ["7B,Llama3.2-1B-Instruct", "8B,Llama3.1-8B", "Llama3.1-8B,70B-chat"])
+def test_mixed_families_rejected(bucket, tmp_path, models):
     target = tmp_path / "out"
-    r = run_script(tmp_path, env=env_for(bucket, target, "7B,Llama3.2-1B-Instruct"))
+    r = run_script(tmp_path, env=env_for(bucket, target, models))
     assert r.returncode != 0
-    assert "Llama3.2-1B-Instruct" in r.output and "separately" in r.output
+    assert models.split(",")[1] in r.output and "separately" in r.output
     assert bucket.requests == []
 
 
 def test_family_hint_mismatch_rejected(bucket, tmp_path):
     r = run_script(tmp_path, env=env_for(bucket, tmp_path / "out", "7B", LLAMA_FAMILY="llama3"))
     assert r.returncode != 0
-    assert "'7B' is a Llama 2 model" in r.output
+    assert "'7B' is a Llama 2 model but the download is for Llama 3 models" in r.output
     assert bucket.requests == []
 
 
