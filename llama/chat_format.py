@@ -7,6 +7,8 @@ llama/tokenizer.py re-exports these names, as Meta's llama3 keeps them there.
 import re
 from typing import TYPE_CHECKING, List, Literal, Optional, Sequence, TypedDict, get_args
 
+from llama.chat_template import warn_no_chat_template
+
 if TYPE_CHECKING:  # llama/tokenizer.py imports this module
     from llama.tokenizer import Tokenizer
 
@@ -199,8 +201,11 @@ def _huggingface_chat_format(tokenizer: "Tokenizer") -> type:
     markers = [("<|start_header_id|>", Llama3ChatFormat), ("<|im_start|>", ChatMLFormat),
                ("[INST]", Llama2ChatFormat)]
     template = getattr(tokenizer, "chat_template", None) or ""
-    for text in (template, " ".join(tokenizer.special_tokens)):
-        for marker, layout in markers:
-            if marker in text:
-                return layout
-    return Llama2ChatFormat
+    layout = next((layout for text in (template, " ".join(tokenizer.special_tokens))
+                   for marker, layout in markers if marker in text), Llama2ChatFormat)
+    if not template:
+        warn_no_chat_template(tokenizer.folder, _FORMAT_NAMES[layout])
+    return layout
+
+
+_FORMAT_NAMES = {Llama3ChatFormat: "Llama 3 header", ChatMLFormat: "ChatML", Llama2ChatFormat: "Llama 2 [INST]"}

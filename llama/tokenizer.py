@@ -21,6 +21,8 @@ import sentencepiece
 import tiktoken
 import tokenizers
 
+from .chat_template import find_chat_template
+
 PathLike = Union[str, os.PathLike]
 
 # The first line of a tiktoken BPE file: "<base64 token> <rank>".
@@ -422,14 +424,14 @@ class HuggingFaceTokenizer(Tokenizer):
             ids = self.model.encode("a", add_special_tokens=True).ids
             add_bos = bool(ids) and ids[0] == self.bos_id
         self.add_bos = bool(add_bos) and self.bos_id >= 0
-        template = config.get("chat_template")
-        self.chat_template = template if isinstance(template, str) else None
+        self.chat_template = find_chat_template(path.parent, config)
         stops = [self.eos_id] + [self._id_of(t, config_path) for t in config.get("stop_tokens") or []]
         stops += [self.special_tokens[t] for t in self.END_OF_TURN if t in self.special_tokens]
         self.stop_tokens = [t for i, t in enumerate(stops) if t >= 0 and t not in stops[:i]]
         self._piece_bytes: Union[List[bytes], None] = None  # built on first decode_bytes
         self._strips_first_space = False
         self._path = path
+        self.folder = path.parent  # where the chat template was looked for
 
     def _id_of(self, value: object, config_path: Path) -> int:
         text = _token_text(value)

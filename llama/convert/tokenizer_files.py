@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Iterable, List, Optional
 
+from ..chat_template import find_chat_template
+
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
@@ -56,17 +58,6 @@ def _load_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _chat_template(folder: Path, tokenizer_config: dict) -> Optional[str]:
-    template = tokenizer_config.get("chat_template")
-    if isinstance(template, list):  # several named templates: the default one is the chat template
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    if not template and (folder / "chat_template.jinja").is_file():  # where transformers 5 saves it
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    if not template:
-        template = _load_json(folder / "chat_template.json").get("chat_template")
-    return template if isinstance(template, str) else None
-
-
 def copy_hf_tokenizer(folder: Path, model_config: dict, out_dir: Path) -> str:
     """Copies a Hugging Face folder's tokenizer into out_dir; returns the file to pass as --tokenizer_path.
     A folder with only tokenizer.model (SentencePiece or tiktoken) keeps that file."""
@@ -104,5 +95,5 @@ def copy_hf_tokenizer(folder: Path, model_config: dict, out_dir: Path) -> str:
     stops = [tokenizer.id_to_token(i) for i in stop_ids if tokenizer.id_to_token(i) is not None]
     shutil.copyfile(source, out_dir / TOKENIZER_JSON)
     write_tokenizer_config(out_dir, bos=bos, eos=eos, pad=named("pad_token"), unk=named("unk_token"),
-                           add_bos=add_bos, chat_template=_chat_template(folder, config), stop_tokens=stops)
+                           add_bos=add_bos, chat_template=find_chat_template(folder, config), stop_tokens=stops)
     return TOKENIZER_JSON
