@@ -5,7 +5,7 @@ import math
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 # Keys that describe models this runner cannot execute: refusing beats producing garbage.
 UNSUPPORTED_KEYS = {
@@ -32,8 +32,8 @@ class ModelArgs:
     # Llama 2's params.json has no rope_theta and used 10000; every Llama 3 file states 500000.
     rope_theta: float = 10000.0
     use_scaled_rope: bool = False
-    # Meta's reference hard-codes 8 (Llama 3.1); Llama 3.2 converted from Hugging Face needs 32.
-    rope_scaling_factor: float = 8.0
+    # Not in Meta's params.json: None lets Llama.build decide it from the model (rope_scaling_factor()).
+    rope_scaling_factor: Optional[float] = None
 
     # Set by Llama.build, not by params.json.
     max_batch_size: int = 32
@@ -69,7 +69,7 @@ class ModelArgs:
             raise ValueError(f"params.json: 'norm_eps' must be > 0, got {self.norm_eps!r}")
         if not self.rope_theta > 0:
             raise ValueError(f"params.json: 'rope_theta' must be > 0, got {self.rope_theta!r}")
-        if not self.rope_scaling_factor > 0:
+        if self.rope_scaling_factor is not None and not self.rope_scaling_factor > 0:
             raise ValueError(f"params.json: 'rope_scaling_factor' must be > 0, got {self.rope_scaling_factor!r}")
         if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
             raise ValueError(f"params.json: 'ffn_dim_multiplier' must be > 0, got {self.ffn_dim_multiplier!r}")
@@ -104,6 +104,25 @@ class ModelArgs:
             return cls(**kwargs)
         except TypeError as e:  # e.g. a string where a number belongs
             raise ValueError(f"{source}: {e}") from e
+
+
+# Meta's code hard-codes 8 (Llama 3.1, 3.2 11B/90B, 3.3). Llama 3.2 1B and 3B were trained with 32
+# (meta-llama/llama-models #166, #241), but their params.json says only "use_scaled_rope": true.
+LLAMA31_ROPE_FACTOR = 8.0
+LLAMA32_SMALL_ROPE_FACTOR = 32.0
+# (dim, n_layers) of Llama 3.2 1B and 3B.
+LLAMA32_SMALL_SHAPES = {(2048, 16): "Llama 3.2 1B", (3072, 28): "Llama 3.2 3B"}
+
+
+def rope_scaling_factor(args: ModelArgs, tied_embeddings: bool) -> Tuple[float, str]:
+    """The RoPE scaling factor to run with, and why: the params.json key when present, else 32 for
+    the Llama 3.2 1B/3B shapes (8 KV heads, Llama 3 vocabulary, no output.weight), else 8."""
+    if args.rope_scaling_factor is not None:
+        return float(args.rope_scaling_factor), "rope_scaling_factor in params.json"
+    name = LLAMA32_SMALL_SHAPES.get((args.dim, args.n_layers))
+    if name and args.n_kv_heads == 8 and args.vocab_size == 128256 and tied_embeddings:
+        return LLAMA32_SMALL_ROPE_FACTOR, f"{name} shape"
+    return LLAMA31_ROPE_FACTOR, "Meta's default (Llama 3.1)"
 
 
 def load_params(ckpt_dir: Path, **overrides: Any) -> ModelArgs:

@@ -14,7 +14,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 import torch
 import torch.nn.functional as F
 
-from .args import load_params
+from .args import load_params, rope_scaling_factor
 # Llama 2's and Llama 3's generation.py define these, and callers import them from there.
 from .chat_format import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR,  # noqa: F401
                           ChatFormat, Dialog, Message, Role)
@@ -138,6 +138,10 @@ class Llama:
         where = placement(device, dtype)
         check_world_size(args, where.world_size)
         checkpoint = ShardedCheckpoint(Path(ckpt_dir), args)
+        if args.use_scaled_rope:
+            factor, reason = rope_scaling_factor(args, tied_embeddings=checkpoint.tied)
+            args = dataclasses.replace(args, rope_scaling_factor=factor)
+            print(f"RoPE scaling factor {factor:g} ({reason})")
         embedding_split = checkpoint.embedding_split_on_disk or (
             "dim" if tokenizer.kind == "sentencepiece" else "vocab")
         # Build the skeleton without memory, then give it this rank's slices as its weights.

@@ -16,7 +16,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .args import ModelArgs
+from .args import LLAMA31_ROPE_FACTOR, ModelArgs
 from .layers import ColumnParallel, DimParallel, RowParallel, VocabParallel
 
 
@@ -60,7 +60,8 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
         return freqs.float()
     # Llama 3.1: slow (long-wavelength) pairs are slowed by the factor, fast ones kept, a smooth
     # blend between. Low/high frequency factors and the original context are fixed by Meta.
-    factor, low_freq_factor, high_freq_factor, original_context = args.rope_scaling_factor, 1.0, 4.0, 8192
+    factor = args.rope_scaling_factor if args.rope_scaling_factor is not None else LLAMA31_ROPE_FACTOR
+    low_freq_factor, high_freq_factor, original_context = 1.0, 4.0, 8192
     wavelen = 2 * math.pi / freqs
     smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
     blended = (1 - smooth) * freqs / factor + smooth * freqs
