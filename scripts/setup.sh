@@ -2,9 +2,33 @@
 # Creates .venv and installs the runner into it. Usage: bash scripts/setup.sh [extra[,extra]]
 # ("convert": what python -m llama.convert needs; "test": what the test suite needs, converter
 # included). Set VENV to use another folder.
+# bash scripts/setup.sh --dry-run prints the torch installs it would try, in order, and exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
+TORCH_VERSION=${TORCH_CPU_VERSION:-2.13.0}
+CPU_INDEX=https://download.pytorch.org/whl/cpu
+
+has_gpu() {
+  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1
+}
+
+# The pip arguments for torch, one attempt per line, best first. The default index serves the
+# CUDA build (~5 GB with its libraries): taken only with a GPU. Without one, PyTorch's CPU index
+# comes first; the default index is the fallback (a machine with its own wheel mirror, or offline).
+torch_installs() {
+  if has_gpu; then
+    echo "torch"
+  else
+    echo "torch==$TORCH_VERSION --index-url $CPU_INDEX"
+    echo "torch==$TORCH_VERSION"
+  fi
+}
+
+if [ "${1:-}" = "--dry-run" ]; then
+  while read -r args; do echo "pip install $args"; done < <(torch_installs)
+  exit 0
+fi
 EXTRA=${1:-}
 
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
@@ -12,14 +36,14 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip >/dev/null
 
 # Install torch first, so that the project's plain `torch>=2.5` range is already satisfied.
-# Without a GPU, the CPU build is all that is needed (the default PyPI wheel carries ~5 GB of CUDA).
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
-    "$PY" -m pip install -q torch
-  else
-    "$PY" -m pip install -q "torch==${TORCH_CPU_VERSION:-2.13.0}" \
-      || "$PY" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-  fi
+  installed=""
+  while read -r args; do
+    # shellcheck disable=SC2086  # each line is a list of arguments
+    if "$PY" -m pip install -q $args; then installed=1; break; fi
+    echo "setup: 'pip install $args' failed; trying the next source" >&2
+  done < <(torch_installs)
+  [ -n "$installed" ] || { echo "setup: could not install torch" >&2; exit 1; }
 fi
 
 # Pin the torch now installed, so that no extra (transformers, accelerate) swaps it for another build.
