@@ -122,7 +122,7 @@ def rope_scaling_factor(args: ModelArgs, tied_embeddings: bool) -> Tuple[float, 
     name = LLAMA32_SMALL_SHAPES.get((args.dim, args.n_layers))
     if name and args.n_kv_heads == 8 and args.vocab_size == 128256 and tied_embeddings:
         return LLAMA32_SMALL_ROPE_FACTOR, f"{name} shape"
-    return LLAMA31_ROPE_FACTOR, "Meta's default (Llama 3.1)"
+    return LLAMA31_ROPE_FACTOR, "Meta's default, as for Llama 3.1"
 
 
 def load_params(ckpt_dir: Path, **overrides: Any) -> ModelArgs:

@@ -54,5 +54,6 @@ def warn_no_chat_template(folder: Path, chosen_format: str) -> None:
     _warned.add(str(folder))
     looked = ", ".join(str(folder / name) for name in TEMPLATE_FILES)
     warnings.warn(f"no chat template found (looked in {looked}); chat prompts use the {chosen_format} format, "
-                  f"chosen from the tokenizer's special tokens. Copy the model's chat_template.jinja or "
-                  f"tokenizer_config.json into {folder} if its replies look wrong.", stacklevel=3)
+                  f"told by the tokenizer's special tokens (Llama 2 [INST] when they tell nothing). Copy the "
+                  f"model's chat_template.jinja or tokenizer_config.json into {folder} if its replies look wrong.",
+                  stacklevel=3)

@@ -270,6 +270,7 @@ def fault_point(where: str) -> None:
     if int(spec["rank"]) != rank or spec["at"] != where:
         return
     if spec["do"] == "kill":
+        print(f"rank {rank}: killed by LLAMA_TEST_FAULT", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     if spec["do"] == "hang":
         while True:

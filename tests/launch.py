@@ -4,6 +4,7 @@ and finding the processes a launch left behind."""
 import os
 import socket
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -62,3 +63,12 @@ def _state(pid: str) -> Optional[str]:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
+
+
+def assert_nothing_left(env: Dict[str, str], grace: float = 30) -> None:
+    """No process of this launch is alive, allowing `grace` seconds for ones being torn down (the
+    launcher may return before its ranks are gone, and a busy machine takes its time)."""
+    deadline = time.monotonic() + grace
+    while processes_tagged(env) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_tagged(env) == []

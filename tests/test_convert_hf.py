@@ -19,6 +19,7 @@ VARIANTS = {
     "tied_sharded_save": (dict(tied=True), True, 24),
     "llama3_rope": (dict(rope_scaling=LLAMA3_ROPE), False, 2100),
     "padded_vocab": (dict(vocab_size=TINY_VOCAB + 2), False, 24),  # embedding larger than the tokenizer
+    "llama2_mha": (dict(num_key_value_heads=4), False, 24),  # Llama 2: multi-head attention, theta 10000
 }
 TOLERANCE = 1e-4
 
@@ -102,3 +103,23 @@ def test_tokenizer_bigger_than_the_model_is_refused(tmp_path):
     convert(folder, out, progress=False)
     with pytest.raises(ValueError, match="vocab_size=256 but the tokenizer"):
         Llama.build(str(out), str(out / "tokenizer.json"), max_seq_len=8, max_batch_size=1, device="cpu")
+
+
+def test_llama2_greedy_tokens_match_transformers(hf_models, converted):
+    """Llama 2 shape (no GQA, theta 10000): our greedy continuation of a ragged batch equals
+    transformers' generate() on each prompt."""
+    model = hf_models["llama2_mha"][1]
+    assert model.config.num_key_value_heads == model.config.num_attention_heads == 4
+    prompts, new_tokens = [prompt(5, seed=1), prompt(13, seed=2)], 10
+    ckpt = converted["llama2_mha", 1]
+    generator = Llama.build(str(ckpt), str(ckpt / "tokenizer.json"), max_seq_len=32, max_batch_size=2,
+                            device="cpu", dtype="fp32")
+    ours, _ = generator.generate(prompts, max_gen_len=new_tokens, temperature=0)
+    for tokens, ids in zip(ours, prompts):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=new_tokens,
+                                 eos_token_id=None, pad_token_id=0)
+        theirs = out[0, len(ids):].tolist()
+        stop = theirs.index(257) if 257 in theirs else len(theirs)  # </s> ends ours and is not returned
+        assert tokens == theirs[:stop]
+        assert len(tokens) >= 3

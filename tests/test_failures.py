@@ -14,56 +14,49 @@ from pathlib import Path
 
 import pytest
 
-from .launch import REPO, example_args, free_port, processes_tagged, tagged_env, torchrun, torchrun_node
+from .launch import REPO, assert_nothing_left, example_args, free_port, tagged_env, torchrun, torchrun_node
 
 TIMEOUT = 5  # --timeout for these runs, seconds
-SLACK = 10  # for the launchers to notice and tear down, on a busy 2-core machine
-START = 40  # to start torchrun and two ranks, and load the model, on a busy 2-core machine
-
-
-def assert_nothing_left(env):
-    deadline = time.monotonic() + 5
-    while processes_tagged(env) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert processes_tagged(env) == []
+# A run that never ends is caught by the subprocess time limit. Wall-clock bounds are kept loose, as
+# a busy 2-core machine can take a minute to start torchrun and two ranks; the failure-detection
+# path taken is shown by our own messages instead.
+RUN_LIMIT = 300
+# How much later than the failed node the other node may exit: normally about TIMEOUT. Well under
+# the default --timeout (120 s), so a rank that fell back on it, or on torch's 10-minute collective
+# timeout, fails this.
+NODE_SKEW_LIMIT = 60
 
 
 def run_one_node(ckpt, fault: str):
     env = tagged_env(LLAMA_TEST_FAULT=fault)
-    start = time.monotonic()
     proc = subprocess.run(torchrun("example_text_completion.py", *example_args(ckpt, "--timeout", str(TIMEOUT))),
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    return proc, time.monotonic() - start, env
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_LIMIT)
+    return proc, env
 
 
 def test_rank_that_raises_while_loading_stops_the_others(llama31_ckpts):
-    proc, seconds, env = run_one_node(llama31_ckpts[2], "rank=1,at=build,do=raise")
+    proc, env = run_one_node(llama31_ckpts[2], "rank=1,at=build,do=raise")
     assert proc.returncode != 0
-    assert seconds < START + SLACK
     output = proc.stdout + proc.stderr
     assert "failure injected by LLAMA_TEST_FAULT" in output
-    # Rank 0 names rank 1 and its error (unless torchrun stopped it first; then torchrun's summary does).
-    assert "rank 0: stopping: rank 1 failed: RuntimeError: failure injected" in output or \
-        "rank      : 1 (local_rank: 1)" in output
     assert "Loaded in" not in output  # rank 0 never went on without rank 1
     assert_nothing_left(env)
 
 
 def test_rank_killed_while_generating_stops_the_others(llama31_ckpts):
-    proc, seconds, env = run_one_node(llama31_ckpts[2], "rank=1,at=step:3,do=kill")
+    proc, env = run_one_node(llama31_ckpts[2], "rank=1,at=step:3,do=kill")
     assert proc.returncode != 0
-    assert seconds < START + SLACK
     assert "Loaded in" in proc.stdout
-    assert "exitcode  : -9" in proc.stderr  # torchrun reports the killed rank and stops the others
+    assert "rank 1: killed by LLAMA_TEST_FAULT" in proc.stderr
+    assert "==================================" not in proc.stdout  # rank 0 printed no completion
     assert_nothing_left(env)
 
 
 def test_hung_rank_ends_the_run_after_the_collective_timeout(llama31_ckpts):
     """A rank that is alive (heartbeat going) but stuck: the others' collective times out."""
-    proc, seconds, env = run_one_node(llama31_ckpts[2], "rank=1,at=step:3,do=hang")
+    proc, env = run_one_node(llama31_ckpts[2], "rank=1,at=step:3,do=hang")
     assert proc.returncode != 0
     assert "a collective step timed out after 5 s, yet every rank kept its heartbeat" in proc.stdout + proc.stderr
-    assert seconds < START + TIMEOUT + SLACK
     assert_nothing_left(env)
 
 
@@ -77,7 +70,7 @@ def run_two_nodes(ckpt0: Path, ckpt1: Path, fault: str = ""):
              for n, ckpt in enumerate((ckpt0, ckpt1))]
     ended = [None, None]
     outputs = ["", ""]
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + RUN_LIMIT
     try:
         while None in ended and time.monotonic() < deadline:
             for n, proc in enumerate(procs):
@@ -102,7 +95,7 @@ def test_other_node_stops_when_a_rank_cannot_read_its_checkpoint(llama31_ckpts, 
     assert procs[0].returncode != 0 and procs[1].returncode != 0
     assert f"cannot read {shard}: the file is truncated or corrupt" in outputs[1]
     assert f"rank 0: stopping: rank 1 failed: ValueError: cannot read {shard}" in outputs[0]
-    assert ended[0] - ended[1] < TIMEOUT + SLACK
+    assert ended[0] - ended[1] < NODE_SKEW_LIMIT
     assert_nothing_left(env)
 
 
@@ -111,7 +104,7 @@ def test_other_node_stops_when_a_rank_is_killed_while_generating(llama31_ckpts):
     assert procs[0].returncode != 0 and procs[1].returncode != 0
     assert "Loaded in" in outputs[0]
     assert "rank 0: stopping: rank 1 stopped responding: no heartbeat for 5 s" in outputs[0]
-    assert ended[0] - ended[1] < TIMEOUT + SLACK
+    assert ended[0] - ended[1] < NODE_SKEW_LIMIT
     assert_nothing_left(env)
 
 
@@ -121,7 +114,7 @@ def test_bad_input_raises_the_same_error_on_every_rank(llama31_ckpts, tmp_path):
     env = tagged_env()
     out = tmp_path / "bad"
     proc = subprocess.run(torchrun("tests/lockstep_driver.py", str(llama31_ckpts[2]), str(out), "bad_inputs"),
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_LIMIT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rank0, rank1 = (json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1

@@ -135,4 +135,5 @@ def test_model_args_fields():
     assert {k: getattr(args, k) for k in meta} == meta
     assert args.n_kv_heads == args.n_heads  # Meta: None, meaning n_heads
     assert args.rope_theta == 10000.0  # Llama 2's; Meta llama3's default is 500000, every Llama 3 file states it
-    assert (args.use_scaled_rope, args.rope_scaling_factor) == (False, 8.0)
+    # rope_scaling_factor None: Llama.build decides it from the model (32 for Llama 3.2 1B/3B, else 8).
+    assert (args.use_scaled_rope, args.rope_scaling_factor) == (False, None)

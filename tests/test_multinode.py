@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from .launch import REPO, example_args, free_port, processes_tagged, tagged_env, torchrun, torchrun_node
+from .launch import REPO, assert_nothing_left, example_args, free_port, tagged_env, torchrun, torchrun_node
 
 
 def test_two_nodes_give_the_same_tokens_as_one_node(llama31_ckpts, tmp_path):
@@ -34,4 +34,4 @@ def test_two_nodes_give_the_same_tokens_as_one_node(llama31_ckpts, tmp_path):
     assert [r["generation"] for r in actual] == [r["generation"] for r in expected]
     for want, got in zip(expected, actual):
         assert got["logprobs"] == pytest.approx(want["logprobs"], abs=1e-5)
-    assert processes_tagged(env) == []
+    assert_nothing_left(env)

@@ -48,7 +48,7 @@ def test_params_json_key_overrides_the_decision():
 
 
 def test_build_says_which_factor_it_used(llama31_ckpts, llama32_ckpts, capsys):
-    for ckpt, said in ((llama31_ckpts[1], "RoPE scaling factor 8 (Meta's default (Llama 3.1))"),
+    for ckpt, said in ((llama31_ckpts[1], "RoPE scaling factor 8 (Meta's default, as for Llama 3.1)"),
                        (llama32_ckpts[1], "RoPE scaling factor 32 (rope_scaling_factor in params.json)")):
         Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=8, max_batch_size=1, device="cpu")
         assert said in capsys.readouterr().out
