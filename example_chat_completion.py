@@ -12,8 +12,10 @@ import fire
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from llama import Dialog, Llama
+from llama.compiling import compile_by_default
 from llama.distributed import is_main_process
 from llama.lockstep import DEFAULT_TIMEOUT, share_from_rank0
+from llama.quantize import DEFAULT_GROUP
 from llama.results import save_results
 
 DIALOGS: List[Dialog] = [
@@ -55,15 +57,18 @@ def main(
     interactive: bool = False,
     system: Optional[str] = None,
     timeout: float = DEFAULT_TIMEOUT,
-    compile: bool = False,
+    compile: Optional[bool] = None,
     quantize: Optional[str] = None,
+    quant_group: int = DEFAULT_GROUP,
     prefill: str = "together",
 ):
     """Meta's flags, plus --top_k, --device (auto/cpu/cuda), --dtype (bf16/fp16/fp32), --seed,
     --logprobs, --output_json PATH (save the results), --interactive (chat at the terminal, with
     --system PROMPT as the system message), --timeout SECONDS (when a rank fails, the others
-    exit within about this time), --compile (torch.compile the decode step), --quantize int8
-    (int8 weights) and --prefill reference (Meta's prefill loop, for comparison)."""
+    exit within about this time), --compile (torch.compile the decode step: on by default with
+    --interactive, where its start-up cost is paid once; --nocompile turns it off), --quantize
+    int8 / int4 (weight-only quantized linear layers; --quant_group N: int4's group size, default
+    32) and --prefill reference (Meta's prefill loop, for comparison)."""
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -73,8 +78,9 @@ def main(
         device=device,
         dtype=dtype,
         timeout=timeout,
-        compile=compile,
+        compile=compile_by_default(compile, long_running=interactive),
         quantize=quantize,
+        quant_group=quant_group,
         prefill=prefill,
     )
     if interactive:

@@ -12,6 +12,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from llama import Llama
 from llama.distributed import is_main_process
 from llama.lockstep import DEFAULT_TIMEOUT
+from llama.quantize import DEFAULT_GROUP
 from llama.results import save_results
 
 PROMPTS: List[str] = [
@@ -51,13 +52,15 @@ def main(
     timeout: float = DEFAULT_TIMEOUT,
     compile: bool = False,
     quantize: Optional[str] = None,
+    quant_group: int = DEFAULT_GROUP,
     prefill: str = "together",
 ):
     """Meta's flags, plus --top_k, --device (auto/cpu/cuda), --dtype (bf16/fp16/fp32), --seed,
     --logprobs (print each token's log-probability), --output_json PATH (save the results),
     --timeout SECONDS (when a rank fails, the others exit within about this time), --compile
-    (torch.compile the decode step), --quantize int8 (int8 weights) and --prefill reference
-    (Meta's prefill loop, for comparison)."""
+    (torch.compile the decode step), --quantize int8 / int4 (weight-only quantized linear layers;
+    --quant_group N: int4's group size, default 32) and --prefill reference (Meta's prefill loop,
+    for comparison)."""
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -69,6 +72,7 @@ def main(
         timeout=timeout,
         compile=compile,
         quantize=quantize,
+        quant_group=quant_group,
         prefill=prefill,
     )
     results = generator.text_completion(

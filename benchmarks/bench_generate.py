@@ -1,7 +1,8 @@
-"""Generation speed and memory, our runner against Hugging Face transformers on the same weights.
+"""Generation speed and memory, our runner against Hugging Face transformers (and llama.cpp) on
+the same weights.
 
     python benchmarks/bench_generate.py --ckpt_dir DIR --tokenizer_path DIR/tokenizer.json \
-        --hf_source PATH_TO_GGUF_OR_HF_FOLDER [--threads 2] [--json results.json]
+        --hf_source PATH_TO_GGUF_OR_HF_FOLDER [--threads 2] [--peers llamacpp] [--json results.json]
     torchrun --nproc_per_node N benchmarks/bench_generate.py --ckpt_dir DIR ... --configs compile
 
 Each runner and each of our configurations (--configs: plain, compile, compile+int8, ...) is
@@ -10,6 +11,17 @@ tokens ignored so every run makes the same number of tokens. Every figure is the
 runs after a warm-up. Decode speed is the difference between generating N tokens and generating 1,
 so prefill is not counted in it. Loading is measured apart, in a process that loads for one
 sequence (so no large KV cache), from a cold page cache: against reading the shard files once.
+
+--peers llamacpp also measures llama.cpp (through llama-cpp-python, installed apart: it is not a
+dependency of ours) on the GGUF given as --hf_source, batch 1 only, the same way: same prompt
+tokens, same token count, greedy, end of text ignored, same threads.
+
+The limit a decode rate is held against is this machine's read bandwidth measured the way decode
+reads memory, a one-row product over 1 GiB of fp32 weights at its fastest setting, measured again
+before and after every configuration (it moves within minutes on a shared machine): each row is
+compared with the mean of the two next to it. A large copy's bandwidth is kept for reference.
+--startup CONFIG measures process start to the first decoded token twice, with PyTorch's compile
+caches empty (cold) and then filled by the first run (warm).
 """
 
 import argparse
@@ -19,6 +31,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -60,9 +73,11 @@ def prompts_of_lengths(lengths: List[int], vocab_low: int = 1000) -> List[List[i
 
 RAGGED_LENGTHS = [4, 60, 117, 174, 231, 288, 345, 400]  # spread from 4 to 400 tokens
 CONFIGS = {  # Llama.build's levers; repeat_kv: copy K/V per query head, as Meta's code does
-    "plain": {}, "compile": {"compile": True}, "int8": {"quantize": "int8"},
-    "compile+int8": {"compile": True, "quantize": "int8"}, "repeat-kv": {"repeat_kv": True},
+    "plain": {}, "compile": {"compile": True}, "int8": {"quantize": "int8"}, "int4": {"quantize": "int4"},
+    "compile+int8": {"compile": True, "quantize": "int8"}, "compile+int4": {"compile": True, "quantize": "int4"},
+    "repeat-kv": {"repeat_kv": True},
 }
+PEERS = ("llamacpp",)
 
 
 def shard_files(ckpt_dir: str) -> List[Path]:
@@ -88,13 +103,31 @@ def read_files_once(paths: List[Path]) -> float:
     return time.perf_counter() - start
 
 
+def read_limit(runs: int = 5, size_bytes: int = 1 << 30) -> Dict:
+    """Bytes per second read by a one-row product over size_bytes of fp32 weights (as a decode step
+    reads its weights), at the faster of the BLAS call and the compiled multiply-and-sum that our
+    compiled step uses. Measured in a child process, so the parent holds no memory meanwhile."""
+    weights = [torch.randn(8192, 4096) for _ in range(size_bytes // (8192 * 4096 * 4))]
+    x = torch.randn(4096)
+    summed = torch.compile(lambda x, w: (x * w).sum(-1))
+
+    def over_all_weights(product):
+        for w in weights:
+            product(x, w)
+
+    with torch.inference_mode():
+        rates = {name: size_bytes / median_time(lambda: over_all_weights(product), runs)
+                 for name, product in (("blas", lambda x, w: torch.mv(w, x)), ("compiled", summed))}
+    return {"bytes_per_second": max(rates.values()), "by_setting": rates}
+
+
 def streamed_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step reads: every parameter (and int8 scale) but the embedding
-    table, of which a step reads one row per sequence (a tied output layer shares it and is
-    counted as the output)."""
+    """Bytes of weights one decode step reads: every parameter (and quantized weight, scale and
+    zero) but the embedding table, of which a step reads one row per sequence (a tied output
+    layer shares it and is counted as the output)."""
     embedding = model.tok_embeddings.weight
     tensors = [t for name, t in model.named_parameters(remove_duplicate=False) if t is not embedding]
-    tensors += [t for name, t in model.named_buffers() if name.endswith("weight_scale")]
+    tensors += [t for name, t in model.named_buffers() if ".product." in f".{name}"]
     if model.output.weight is embedding:
         tensors.append(embedding)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
@@ -110,7 +143,7 @@ def build_ours(args, max_batch_size: int, **levers):
 
     return Llama.build(args.ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len,
                        max_batch_size=max_batch_size, device="cpu" if args.device == "cpu" else "auto",
-                       dtype=args.dtype, **levers)
+                       dtype=args.dtype, quant_group=args.quant_group, **levers)
 
 
 def bench_load(args) -> Dict:
@@ -229,15 +262,82 @@ def bench_hf(args) -> Dict:
 
 
 # --------------------------------------------------------------------------------------------
+# llama.cpp (llama-cpp-python), batch 1
+
+
+def bench_llamacpp(args) -> Dict:
+    from llama_cpp import Llama as LlamaCpp
+    from llama_cpp import __version__ as llamacpp_version
+
+    source = Path(args.hf_source)
+    threads = args.threads or torch.get_num_threads()
+    start = time.perf_counter()
+    model = LlamaCpp(model_path=str(source), n_ctx=args.max_seq_len, n_batch=args.max_seq_len, n_threads=threads,
+                     n_threads_batch=threads, verbose=False)
+    load_seconds = time.perf_counter() - start
+
+    def generate(prompts, new_tokens):
+        (prompt,) = prompts
+        model.reset()  # forget the last run's tokens, so the whole prompt is evaluated again
+        # generate() samples greedily at temp 0 and never stops by itself: end of text is ignored.
+        for made, _ in enumerate(model.generate(prompt, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0,
+                                                reset=True), start=1):
+            if made == new_tokens:
+                break
+
+    result = _measure(generate, args, batch_sizes=[1], ragged=False)
+    result.update(runner="llama.cpp", config=f"llama-cpp-python {llamacpp_version}, {source.name}",
+                  load_seconds=load_seconds, streamed_bytes_this_rank=_gguf_streamed_bytes(source), world_size=1,
+                  main=True)
+    return result
+
+
+def _gguf_streamed_bytes(path: Path) -> int:
+    """Bytes of the GGUF's tensors a step reads: all but the embedding table, unless the output
+    layer is tied to it (then the table is read whole, as the output)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    if "output.weight" in tensors:
+        tensors.pop("token_embd.weight")
+    return sum(tensors.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Start-up of a compiled configuration: process start to the first decoded token
+
+
+def bench_startup_child(args, config: str) -> None:
+    generator = build_ours(args, max_batch_size=1, **CONFIGS[config])
+    generator.tokenizer.stop_tokens = []
+    generator.generate(prompts_of_lengths([16]), max_gen_len=2, temperature=0)  # token 2 is the decode step's
+    print("FIRST DECODED TOKEN", flush=True)
+
+
+def measure_startup(config: str, argv: List[str], cache_dir: Path) -> float:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--child", f"startup:{config}", *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seconds = None
+    for line in proc.stdout:
+        if line.startswith("FIRST DECODED TOKEN"):
+            seconds = time.perf_counter() - start
+    if proc.wait() != 0 or seconds is None:
+        raise RuntimeError(f"the start-up run of {config} failed:\n{proc.stderr.read()[-4000:]}")
+    return seconds
+
+
+# --------------------------------------------------------------------------------------------
 # The shared measurements
 
 
-def _measure(generate, args) -> Dict:
+def _measure(generate, args, batch_sizes: Optional[List[int]] = None, ragged: bool = True) -> Dict:
     runs, n = args.runs, args.new_tokens
     prefill_prompt = prompts_of_lengths([args.prefill_tokens])
     prefill_seconds = median_time(lambda: generate(prefill_prompt, 1), runs)
     decode, first_call_seconds = {}, 0.0
-    for batch in args.batch_sizes:
+    for batch in batch_sizes or args.batch_sizes:
         prompts = prompts_of_lengths([16] * batch)
         start = time.perf_counter()
         generate(prompts, 2)  # the first decode step of a batch size: where a compiled step compiles
@@ -245,8 +345,8 @@ def _measure(generate, args) -> Dict:
         one = median_time(lambda: generate(prompts, 1), runs)
         full = median_time(lambda: generate(prompts, n), runs)
         decode[str(batch)] = {"tokens_per_second": batch * (n - 1) / (full - one), "step_seconds": (full - one) / (n - 1)}
-    ragged = prompts_of_lengths(RAGGED_LENGTHS)
-    ragged_seconds = median_time(lambda: generate(ragged, args.ragged_new_tokens), runs)
+    ragged_prompts = prompts_of_lengths(RAGGED_LENGTHS)
+    ragged_seconds = median_time(lambda: generate(ragged_prompts, args.ragged_new_tokens), runs) if ragged else None
     return {
         "prefill_tokens_per_second": args.prefill_tokens / prefill_seconds,
         "decode": decode,
@@ -272,12 +372,23 @@ def measure_in_this_process(what: str, args) -> Dict:
         return bench_load(args)
     if what == "transformers":
         return bench_hf(args)
+    if what == "llamacpp":
+        return bench_llamacpp(args)
+    if what == "limit":
+        return read_limit()
+    if what.startswith("startup:"):
+        return bench_startup_child(args, what.split(":", 1)[1])
     return bench_ours(args, what)
 
 
-def print_tables(load: Optional[Dict], results: List[Dict], bandwidth: float) -> None:
+def print_tables(load: Optional[Dict], results: List[Dict], bandwidth: float, limits: List[float],
+                 startup: Dict[str, float]) -> None:
     gb, mb = 1e9, 1e6
-    print(f"\nmemory bandwidth (large copy, read + write): {bandwidth / gb:.1f} GB/s")
+    print(f"\nmemory bandwidth (large copy, read + write, for reference): {bandwidth / gb:.1f} GB/s")
+    print("read limit (one-row product over 1 GiB, before, between and after the rows below): "
+          + ", ".join(f"{limit / gb:.1f}" for limit in limits) + " GB/s")
+    for name, seconds in startup.items():
+        print(f"start-up, process start to the first decoded token, {name}: {seconds:.1f} s")
     if load:
         ranks = load["world_size"]
         print(f"\nloading ({'per rank, ' if ranks > 1 else ''}cold page cache, one sequence of KV cache):")
@@ -292,18 +403,22 @@ def print_tables(load: Optional[Dict], results: List[Dict], bandwidth: float) ->
             print(f"  transformers from_pretrained: {r['load_seconds']:.2f} s, "
                   f"{r['load_rss_above_imports'] / mb:.0f} MB above imports")
     batches = sorted({int(b) for r in results for b in r["decode"]})
-    header = ["runner", "MB/step", "build s", "first calls s", "prefill tok/s"]
+    header = ["runner", "MB/step", "build s", "first calls s", "prefill tok/s", "limit GB/s"]
     header += [f"decode b{b} tok/s (% limit)" for b in batches]
     header += ["ragged s", "ragged s, Meta's loop", "host us/token b1"]
     rows = []
     for r in results:
         row = [r["label"], f"{r['streamed_bytes_all_ranks'] / mb:.0f}", f"{r['load_seconds']:.2f}",
-               f"{r['first_calls_seconds']:.1f}", f"{r['prefill_tokens_per_second']:.0f}"]
+               f"{r['first_calls_seconds']:.1f}", f"{r['prefill_tokens_per_second']:.0f}",
+               f"{r['limit_bytes_per_second'] / gb:.1f}"]
         for b in batches:
-            d = r["decode"][str(b)]
-            pct = 100 * (1 / d["step_seconds"]) / (bandwidth / r["streamed_bytes_all_ranks"])
+            d = r["decode"].get(str(b))
+            if d is None:
+                row.append("-")
+                continue
+            pct = 100 * (1 / d["step_seconds"]) / (r["limit_bytes_per_second"] / r["streamed_bytes_all_ranks"])
             row.append(f"{d['tokens_per_second']:.1f} ({pct:.0f}%)")
-        row.append(f"{r['ragged_seconds']:.2f}")
+        row.append("-" if r["ragged_seconds"] is None else f"{r['ragged_seconds']:.2f}")
         if "ragged_reference_seconds" in r:
             row.append(f"{r['ragged_reference_seconds']:.2f} ({r['ragged_reference_seconds'] / r['ragged_seconds']:.1f}x)")
             row.append(f"{r['host_seconds_per_token_b1'] * 1e6:.0f}")
@@ -325,6 +440,11 @@ def main() -> None:
                         help=f"our configurations to measure, from {','.join(CONFIGS)}; empty for none")
     parser.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure transformers (needs --hf_source)")
+    parser.add_argument("--peers", default="", help="other runners to measure at batch 1: llamacpp (needs "
+                        "llama-cpp-python and a GGUF --hf_source)")
+    parser.add_argument("--quant_group", type=int, default=32, help="int4's group size")
+    parser.add_argument("--startup", default="", help="configurations whose cold and warm start-up to measure, "
+                        "e.g. compile,compile+int4")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "auto"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
@@ -339,9 +459,16 @@ def main() -> None:
     args = parser.parse_args()
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
     configs = [c for c in args.configs.split(",") if c]
-    for c in configs:
+    startup_configs = [c for c in args.startup.split(",") if c]
+    for c in configs + startup_configs:
         if c not in CONFIGS:
             parser.error(f"unknown configuration {c!r}; choose from {', '.join(CONFIGS)}")
+    peers = [p for p in args.peers.split(",") if p]
+    for p in peers:
+        if p not in PEERS:
+            parser.error(f"unknown peer {p!r}; choose from {', '.join(PEERS)}")
+        if not (args.hf_source or "").endswith(".gguf"):
+            parser.error("--peers llamacpp needs the GGUF file as --hf_source")
     if args.transformers and not args.hf_source and "WORLD_SIZE" not in os.environ:
         parser.error("--hf_source is needed to measure transformers (or pass --no-transformers)")
     if args.threads:
@@ -356,9 +483,12 @@ def main() -> None:
     else:
         argv = sys.argv[1:]
         measure = lambda what: run_child(what, argv)  # noqa: E731
-        whats = ["load"] + configs + (["transformers"] if args.transformers else [])
-    load, results = None, []
+        whats = ["load"] + configs + (["transformers"] if args.transformers else []) + peers
+    single = "WORLD_SIZE" not in os.environ
+    load, results, limits = None, [], []
     for what in whats:
+        if single and what != "load":  # the limit next to each row (torchrun ranks share the CPU: skipped)
+            limits.append(run_child("limit", sys.argv[1:])["bytes_per_second"])
         result = measure(what)
         result["world_size"] = int(os.environ.get("WORLD_SIZE", 1)) if what != "transformers" else 1
         if what == "load":
@@ -367,15 +497,28 @@ def main() -> None:
             results.append(result)
     if not (load or results[0])["main"]:
         return
+    if single:
+        limits.append(run_child("limit", sys.argv[1:])["bytes_per_second"])
+    else:  # measured once, by rank 0 alone, after the ranks' runs
+        limits = [read_limit()["bytes_per_second"]]
+    for i, r in enumerate(results):
+        r["limit_bytes_per_second"] = (limits[i] + limits[i + 1]) / 2 if single else limits[0]
+    startup = {}
+    with tempfile.TemporaryDirectory() as caches:
+        for config in startup_configs:
+            cache_dir = Path(caches) / config
+            startup[f"{config}, cold caches"] = measure_startup(config, sys.argv[1:], cache_dir)
+            startup[f"{config}, warm caches"] = measure_startup(config, sys.argv[1:], cache_dir)
     for r in results:
         r["label"] = r["runner"] + (f" {r['config']}" if r["config"] else "") + (
             f" x{r['world_size']} ranks" if r["world_size"] > 1 else "")
         r["streamed_bytes_all_ranks"] = r["streamed_bytes_this_rank"] * r["world_size"]
     bandwidth = memory_bandwidth()
-    print_tables(load, results, bandwidth)
+    print_tables(load, results, bandwidth, limits, startup)
     if args.json:
-        Path(args.json).write_text(json.dumps({"bandwidth_bytes_per_second": bandwidth, "load": load,
-                                               "results": results, "argv": sys.argv[1:]}, indent=2))
+        Path(args.json).write_text(json.dumps({"bandwidth_bytes_per_second": bandwidth, "read_limits": limits,
+                                               "startup_seconds": startup, "load": load, "results": results,
+                                               "argv": sys.argv[1:]}, indent=2))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 
 - runs a one-row product on CPU under torch.compile as a multiply-and-sum, which the compiler
   turns into one bandwidth-bound loop (~3.5x faster than the BLAS call at batch 1 on our CPU);
-- computes with int8 weights and per-row scales once `quantize_int8` has been applied;
+- multiplies through a quantized product (llama/quantize.py) once one has been given to it;
 - talks to the other ranks with plain collectives, which torch.compile can trace.
 """
 
@@ -26,16 +26,14 @@ from torch import nn
 GEMV_MAX_ROWS = 4
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x @ weight.T, with weight (out, in) in x's dtype, or int8 with one scale per output row."""
-    if weight.dtype == torch.int8:
-        weight = weight.to(x.dtype)
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T, with weight (out, in) in x's dtype."""
     rows = x.numel() // x.shape[-1]
     if x.device.type == "cpu" and rows <= GEMV_MAX_ROWS and torch.compiler.is_compiling():
         y = (x.unsqueeze(-2) * weight).sum(-1)
     else:
         y = F.linear(x, weight)
-    return y if scale is None else y * scale
+    return y
 
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -53,23 +51,37 @@ def _all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-class ColumnParallel(ColumnParallelLinear):
+class _Quantizable:
+    """A parallel linear layer's product: its float weight, or once quantized (llama/quantize.py)
+    the `product` module that replaced it."""
+
+    product: Optional[nn.Module]
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight) if self.product is None else self.product(x)
+
+
+class ColumnParallel(_Quantizable, ColumnParallelLinear):
     """Holds the output rows (features) of this rank; gathers them when gather_output."""
 
-    weight_scale: Optional[torch.Tensor]
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_module("product", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, getattr(self, "weight_scale", None))
+        y = self._product(x)
         return _all_gather_last_dim(y) if self.gather_output else y
 
 
-class RowParallel(RowParallelLinear):
+class RowParallel(_Quantizable, RowParallelLinear):
     """Holds the input columns of this rank; sums the partial outputs of all ranks."""
 
-    weight_scale: Optional[torch.Tensor]
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_module("product", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _all_reduce(linear(x, self.weight, getattr(self, "weight_scale", None)))
+        return _all_reduce(self._product(x))
 
 
 class VocabParallel(VocabParallelEmbedding):
@@ -87,17 +99,3 @@ class DimParallel(ParallelEmbedding):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return _all_gather_last_dim(F.embedding(tokens, self.weight))
-
-
-def quantize_int8(model: nn.Module) -> None:
-    """Weight-only int8: every parallel linear layer keeps its weight as int8 with one fp scale per
-    output row (symmetric, max |w| -> 127). Layer by layer, so only one layer is held twice at once.
-    Works on each rank's slice alike: a RowParallel rank scales its own columns and so its own
-    partial sum. The int8 values therefore depend slightly on the rank count (fp32 ones do not)."""
-    for layer in model.modules():
-        if isinstance(layer, (ColumnParallel, RowParallel)) and layer.weight.dtype != torch.int8:
-            weight = layer.weight.detach()
-            scale = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127
-            quantized = torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
-            layer.weight = nn.Parameter(quantized, requires_grad=False)
-            layer.register_buffer("weight_scale", scale.to(weight.dtype), persistent=False)

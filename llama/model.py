@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .args import LLAMA31_ROPE_FACTOR, ModelArgs
+from .compiling import use_persistent_compile_cache
 from .layers import ColumnParallel, DimParallel, RowParallel, VocabParallel
 
 
@@ -229,7 +230,9 @@ class Transformer(nn.Module):
         per batch and is compute-bound). On CUDA the step attends over the whole cache, masked, so
         its shapes never change and it is replayed as a CUDA graph; on CPU the attended length
         is a dynamic dimension, so one compiled graph serves every step. Each batch size
-        compiles once."""
+        compiles once. The compiled code is kept on disk (llama/compiling.py), so a later process
+        compiling the same model reuses it."""
+        use_persistent_compile_cache()
         cuda = self.norm.weight.device.type == "cuda"
         self.compiled_decode = torch.compile(self._decode_step, mode="reduce-overhead" if cuda else None)
 

@@ -2,7 +2,7 @@
 model, and rank 0 saves what it computed to JOBS.json.out.
 
 A job: {"ckpt_dir", "tokenizer", "max_seq_len", "max_batch_size", "mode": "logits" | "generate",
-"tokens": a list of token lists, "max_gen_len" (generate), optionally "quantize"}."""
+"tokens": a list of token lists, "max_gen_len" (generate), optionally "quantize" and "quant_group"}."""
 
 import json
 import sys
@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from llama import Llama
+from llama.quantize import DEFAULT_GROUP
 
 
 def main(jobs_path: str) -> None:
@@ -20,7 +21,7 @@ def main(jobs_path: str) -> None:
     for job in jobs:
         generator = Llama.build(job["ckpt_dir"], job["tokenizer"], max_seq_len=job["max_seq_len"],
                                 max_batch_size=job["max_batch_size"], device="cpu", dtype="fp32",
-                                quantize=job.get("quantize"))
+                                quantize=job.get("quantize"), quant_group=job.get("quant_group", DEFAULT_GROUP))
         if job["mode"] == "logits":
             results.append(generator.model(torch.tensor(job["tokens"]), 0))
         else:

@@ -48,12 +48,14 @@ def expected_answers(reference: Llama, turns):
 
 
 def test_chat_through_a_pipe_keeps_history_trims_it_and_resets(llama31_ckpts, reference):
+    """With the compiled decode step, --interactive's default, which must answer as the eager path."""
     turns = ["hello there", "tell me about the sea", "and the mountains?", "and the sky?", "/reset", "hi again"]
     env = tagged_env()
     proc = subprocess.run(chat_command(llama31_ckpts[2]), input=("\n".join(turns) + "\n").encode(), cwd=REPO,
                           env=env, capture_output=True, timeout=RUN_LIMIT)
     stdout = proc.stdout.decode()  # bytes: text mode would turn a generated "\r" into "\n"
     assert proc.returncode == 0, stdout[-3000:] + proc.stderr.decode()[-3000:]  # end of input = Ctrl-D
+    assert "compiled decode step" in stdout  # the "Loaded" line
     answers, trimmed = expected_answers(reference, turns)
     assert trimmed > 0, "the turns should overflow max_seq_len, to check the trimming"
     shown = re.findall(r"Assistant: (.*?)\n\nUser: ", stdout, flags=re.S)
@@ -65,8 +67,8 @@ def test_chat_through_a_pipe_keeps_history_trims_it_and_resets(llama31_ckpts, re
 
 def test_exit_command_ends_every_rank(llama31_ckpts):
     env = tagged_env()
-    proc = subprocess.run(chat_command(llama31_ckpts[2]), input="hello\n/exit\nnot read\n", cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=RUN_LIMIT)
+    proc = subprocess.run(chat_command(llama31_ckpts[2], "--nocompile"), input="hello\n/exit\nnot read\n", cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=RUN_LIMIT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("Assistant: ") == 1
     assert_nothing_left(env)
@@ -75,7 +77,7 @@ def test_exit_command_ends_every_rank(llama31_ckpts):
 def test_chat_in_a_terminal_ends_on_ctrl_d(llama31_ckpts):
     """A pseudo-terminal, as a user at a keyboard: streamed answer, /reset, then Ctrl-D."""
     env = tagged_env()
-    command = chat_command(llama31_ckpts[2])
+    command = chat_command(llama31_ckpts[2], "--nocompile")
     child = pexpect.spawn(command[0], command[1:], cwd=str(REPO), env=env, encoding="utf-8", timeout=RUN_LIMIT)
     try:
         child.expect_exact("User: ")

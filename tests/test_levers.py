@@ -75,7 +75,8 @@ def test_every_lossless_lever_on_two_ranks_matches_one_plain_rank(llama31_ckpts,
 
 @pytest.mark.parametrize("levers,message", [
     (dict(compile="yes"), "compile must be True or False"),
-    (dict(quantize="int4"), "unknown quantize='int4'"),
+    (dict(quantize="int2"), "unknown quantize='int2'"),
+    (dict(quantize="int4", quant_group=16), "quant_group=16 is not supported"),
     (dict(prefill="fast"), "unknown prefill='fast'"),
 ])
 def test_bad_lever_values_are_refused(llama31_ckpts, levers, message):
