@@ -116,20 +116,22 @@ class Attention(nn.Module):
         self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+                mask: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(batch, seq, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seq, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        # Write this step's keys/values at each sequence's own positions.
-        rows = torch.arange(batch, device=x.device).unsqueeze(1)
-        self.cache_k[rows, :, positions] = k
-        self.cache_v[rows, :, positions] = v
+        # Write this step's keys/values at each sequence's own positions, in its own cache row.
+        in_order = rows is None  # the first `batch` rows: read back as a view rather than a copy
+        if in_order:
+            rows = torch.arange(batch, device=x.device)
+        self.cache_k[rows.unsqueeze(1), :, positions] = k
+        self.cache_v[rows.unsqueeze(1), :, positions] = v
         kv_len = mask.shape[-1]
-        keys = self.cache_k[:batch, :, :kv_len]
-        values = self.cache_v[:batch, :, :kv_len]
+        keys = self.cache_k[:batch, :, :kv_len] if in_order else self.cache_k[rows, :, :kv_len]
+        values = self.cache_v[:batch, :, :kv_len] if in_order else self.cache_v[rows, :, :kv_len]
 
         groups = self.n_local_heads // self.n_local_kv_heads
         if self.repeat_kv and groups > 1:
@@ -159,8 +161,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, positions, cos, sin, mask):
-        h = x + self.attention(self.attention_norm(x), positions, cos, sin, mask)
+    def forward(self, x, positions, cos, sin, mask, rows=None):
+        h = x + self.attention(self.attention_norm(x), positions, cos, sin, mask, rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -190,7 +192,7 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos, last_index: Optional[torch.Tensor] = None,
-                kv_len: Optional[int] = None) -> torch.Tensor:
+                kv_len: Optional[int] = None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens: (batch, seq). start_pos: an int, or a (batch,) tensor giving each row's position
         of tokens[:, 0]. Keys/values are written to the cache at those positions, and each query
         attends to its own row's cache up to its position.
@@ -198,7 +200,9 @@ class Transformer(nn.Module):
         Returns float logits (batch, seq, vocab), or (batch, vocab) taken at tokens[:, last_index]
         when last_index (batch,) is given, which skips the vocab projection everywhere else.
         kv_len: how many cache positions to attend over (> every position in this call); a caller
-        that knows it avoids reading positions back from the device."""
+        that knows it avoids reading positions back from the device.
+        rows: (batch,) the KV-cache row of each batch row (default: the first `batch` rows), so that
+        new prompts can be prefilled into free slots while other rows hold running sequences."""
         batch, seq = tokens.shape
         if not isinstance(start_pos, torch.Tensor):
             start_pos = torch.full((batch,), int(start_pos), dtype=torch.long)
@@ -206,18 +210,20 @@ class Transformer(nn.Module):
         positions = start_pos.unsqueeze(1) + torch.arange(seq, device=tokens.device)  # (batch, seq)
         if kv_len is None:
             kv_len = int(positions.max()) + 1
-        if seq == 1 and last_index is not None and self.compiled_decode is not None:
+        if seq == 1 and last_index is not None and rows is None and self.compiled_decode is not None:
             return self.compiled_decode(tokens, positions, self._decode_key_positions(kv_len))
-        return self._forward(tokens, positions, torch.arange(kv_len, device=tokens.device), last_index)
+        if rows is not None:
+            rows = rows.to(tokens.device)
+        return self._forward(tokens, positions, torch.arange(kv_len, device=tokens.device), last_index, rows)
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor,
-                 last_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 last_index: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         batch = tokens.shape[0]
         mask = (key_positions <= positions.unsqueeze(-1)).unsqueeze(1)  # (batch, 1, seq, kv_len)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, positions, cos, sin, mask)
+            h = layer(h, positions, cos, sin, mask, rows)
         if last_index is not None:
             h = h[torch.arange(batch, device=h.device), last_index.to(h.device)]
         return self.output(self.norm(h)).float()

@@ -1,0 +1,138 @@
+"""The decode engine under continuous batching: requests admitted at different times, into slots
+freed by others, with their own settings, give the tokens they give alone (Llama.generate, which
+the Meta-parity tests check against Meta's code)."""
+
+import pytest
+import torch
+
+from llama import Llama
+from llama.engine import Engine, Request, SamplingParams
+
+TEXTS = ["Hi", "The capital of France is", "Once upon a time, in a land far away, there lived",
+         "1, 2, 3, 4, 5, 6, 7, 8,", "def fibonacci(n):", "Dear Sir or Madam,", "Q: why? A:"]
+NEW = [9, 4, 12, 7, 10, 3, 8]  # new tokens per request
+
+
+@pytest.fixture(scope="module")
+def llama(llama31_ckpts) -> Llama:
+    ckpt = llama31_ckpts[1]
+    return Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=64, max_batch_size=4,
+                       device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def prompts(llama):
+    return [llama.tokenizer.encode(t, bos=True, eos=False) for t in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def alone(llama, prompts):
+    """Each prompt generated on its own: (tokens, logprobs)."""
+    results = [llama.generate([p], max_gen_len=n, temperature=0, logprobs=True) for p, n in zip(prompts, NEW)]
+    return [(tokens[0], logprobs[0]) for tokens, logprobs in results]
+
+
+def collect(outputs, events):
+    for e in events:
+        tokens, logprobs, ends = outputs.setdefault(e.request_id, ([], [], []))
+        if e.token is not None:
+            tokens.append(e.token)
+            logprobs.append(e.logprob)
+        if e.finish_reason:
+            ends.append(e.finish_reason)
+
+
+def test_requests_joining_and_leaving_decode_as_alone(llama, prompts, alone):
+    engine = Engine(llama.model)
+    greedy = [SamplingParams(temperature=0, max_new_tokens=n, logprobs=True) for n in NEW]
+    requests = [Request(i, p, params) for i, (p, params) in enumerate(zip(prompts, greedy))]
+    outputs = {}
+    collect(outputs, engine.admit(requests[:2]))  # slots 0, 1
+    for _ in range(2):
+        collect(outputs, engine.step())
+    collect(outputs, engine.admit(requests[2:4]))  # slots 2, 3, joining at other positions
+    assert engine.free_slots == 0
+    with pytest.raises(ValueError, match="free slots"):
+        engine.admit(requests[4:5])
+    collect(outputs, engine.step())
+    assert engine.release(0)  # cancelled mid-way: its slot is free at once, below running ones
+    assert not engine.release(0)
+    collect(outputs, engine.admit(requests[4:5]))
+    while engine.active:
+        collect(outputs, engine.step())
+        for i in range(5, 7):  # the rest join as slots free up
+            if i not in outputs and engine.free_slots:
+                collect(outputs, engine.admit(requests[i:i + 1]))
+    assert engine.free_slots == 4 and sorted(outputs) == list(range(7))
+
+    tokens, logprobs, ends = outputs[0]
+    assert tokens == alone[0][0][:len(tokens)] and 0 < len(tokens) < NEW[0] and ends == []
+    for i in range(1, 7):
+        tokens, logprobs, ends = outputs[i]
+        assert tokens == alone[i][0], i
+        assert logprobs == pytest.approx(alone[i][1], abs=1e-4)
+        assert ends == ["length"]
+
+
+def test_stop_tokens_end_a_request_without_output(llama, prompts, alone):
+    engine = Engine(llama.model)
+    stop = alone[2][0][5]  # the 6th token of request 2's greedy output
+    outputs = {}
+    collect(outputs, engine.admit([Request("a", prompts[2], SamplingParams(temperature=0, max_new_tokens=12,
+                                                                           stop_tokens=(stop,))),
+                                   Request("b", prompts[3], SamplingParams(temperature=0, max_new_tokens=7))]))
+    while engine.active:
+        collect(outputs, engine.step())
+    first = alone[2][0].index(stop)
+    assert outputs["a"][0] == alone[2][0][:first] and outputs["a"][2] == ["stop"]
+    assert outputs["b"][0] == alone[3][0]
+    assert engine.free_slots == 4
+
+
+def test_a_seeded_request_samples_the_same_in_any_company(llama, prompts):
+    def run(batch):
+        engine = Engine(llama.model)
+        outputs = {}
+        collect(outputs, engine.admit(batch))
+        while engine.active:
+            collect(outputs, engine.step())
+        return outputs
+
+    seeded = Request("s", prompts[1], SamplingParams(temperature=1.0, top_p=0.95, seed=7, max_new_tokens=10))
+    others = [Request(0, prompts[2], SamplingParams(temperature=0.8, max_new_tokens=12)),
+              Request(1, prompts[4], SamplingParams(temperature=0, max_new_tokens=5)),
+              Request(2, prompts[0], SamplingParams(temperature=1.0, top_p=0.95, seed=8, max_new_tokens=10))]
+    torch.manual_seed(0)
+    alone_tokens = run([seeded])["s"][0]
+    torch.manual_seed(1)  # the global generator, drawn by request 0, does not matter to it
+    together = run(others[:2] + [seeded] + others[2:])
+    assert together["s"][0] == alone_tokens
+    assert together[2][0] != alone_tokens  # another seed (and prompt) samples otherwise
+
+
+def test_prompt_and_top_logprobs(llama, prompts):
+    tokens, logprobs = llama.generate([prompts[1]], max_gen_len=3, temperature=0, logprobs=True, echo=True)
+    engine = Engine(llama.model)
+    n = len(prompts[1])
+    params = SamplingParams(temperature=0, max_new_tokens=3, logprobs=True, top_logprobs=4, prompt_logprobs=True)
+    first, = engine.admit([Request(0, prompts[1], params)])
+    assert first.prompt_logprobs == pytest.approx(logprobs[0][:n], abs=1e-4)
+    assert first.token == tokens[0][n]
+    top = first.top_logprobs
+    assert len(top) == 4 and top[0][0] == first.token and top[0][1] == pytest.approx(first.logprob)
+    assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+    engine.release(0)
+    nothing, = engine.admit([Request(1, prompts[1], SamplingParams(max_new_tokens=0, prompt_logprobs=True))])
+    assert nothing.token is None and nothing.finish_reason == "length" and engine.free_slots == 4
+    assert nothing.prompt_logprobs == pytest.approx(logprobs[0][:n], abs=1e-4)
+
+
+def test_admit_refuses_bad_requests(llama, prompts):
+    engine = Engine(llama.model)
+    with pytest.raises(ValueError, match="unique"):
+        engine.admit([Request(0, prompts[0]), Request(0, prompts[1])])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        engine.admit([Request(0, [1] * 65)])
+    with pytest.raises(ValueError, match="temperature"):
+        engine.admit([Request(0, prompts[0], SamplingParams(temperature=-1))])
+    assert engine.free_slots == 4
