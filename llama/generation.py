@@ -3,6 +3,9 @@
 Names, arguments, defaults and returned structures follow Meta's reference repositories; the
 additions (top_k, stop, device, dtype, timeout) are keyword-only and default to Meta's behaviour.
 stream_text_completion / stream_chat_completion hand out the same text as it is generated.
+
+The decoding itself runs in llama/engine.py (the server drives the same engine); this module
+checks arguments, cuts the prompts into batches and turns tokens into results and streams.
 """
 
 import dataclasses
@@ -12,7 +15,6 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
-import torch.nn.functional as F
 
 from .args import load_params, rope_scaling_factor
 # Llama 2's and Llama 3's generation.py define these, and callers import them from there.
@@ -20,6 +22,7 @@ from .chat_format import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERR
                           ChatFormat, Dialog, Message, Role)
 from .checkpoint import ShardedCheckpoint, check_world_size, load_rank_weights
 from .distributed import init_model_parallel, placement, resolve_device, resolve_dtype, silence_other_ranks
+from .engine import Engine, Request, SamplingParams, token_logprobs
 from .lockstep import (DEFAULT_TIMEOUT, check_same_inputs, check_timeout, fault_point, start_watchdog,
                        wait_for_all_ranks)
 from .model import Transformer, skeleton
@@ -177,6 +180,9 @@ class Llama:
         self.tokenizer = tokenizer
         self.formatter = ChatFormat.for_tokenizer(tokenizer)
         self.device = model.norm.weight.device
+        # Meta's loop samples every row of a batch until the whole batch ends; holding finished
+        # requests in their slots keeps those draws, so a seed gives Meta's samples.
+        self.engine = Engine(model, hold_finished=True)
         self._utf8_errors = invalid_utf8_errors(tokenizer)  # for streamed text to match decode()
 
     def generate(
@@ -255,33 +261,29 @@ class Llama:
         for first in range(0, len(seqs), batch_size):
             yield from decode_batch(seqs[first:first + batch_size], temperature, top_p, top_k, want_logprobs, echo)
 
-    @torch.inference_mode()
     def _decode_batch(self, seqs: List["_Sequence"], temperature, top_p, top_k, want_logprobs, echo):
-        max_seq_len = self.model.params.max_seq_len
-        lengths = [len(s.prompt) for s in seqs]
-        tokens = torch.zeros((len(seqs), max(lengths)), dtype=torch.long)
-        for row, s in enumerate(seqs):
-            tokens[row, :len(s.prompt)] = torch.tensor(s.prompt, dtype=torch.long)
-        # Prefill every prompt at once; right padding is never attended by real tokens.
-        last = self._prefill(seqs, tokens.to(self.device), lengths, want_logprobs and echo)
-
-        stop_tokens = set(self.tokenizer.stop_tokens)
-        while not all(s.done for s in seqs):
-            fault_point("step")
-            next_tokens = sample_next(last, temperature, top_p, top_k)
-            chosen = next_tokens.tolist()
-            chosen_logprobs = _token_logprobs(last, next_tokens).tolist() if want_logprobs else [None] * len(seqs)
-            for s, token, logprob in zip(seqs, chosen, chosen_logprobs):
-                if not s.done:
-                    s.add(token, logprob, stop_tokens)
-            yield seqs
-            if all(s.done for s in seqs):
-                break
-            # Each row feeds its newest token at its own position; finished rows idle in place.
-            positions = [min(n + len(s.tokens) - 1, max_seq_len - 1) for n, s in zip(lengths, seqs)]
-            feed = [s.tokens[-1] if s.tokens else s.prompt[-1] for s in seqs]
-            last = self.model(torch.tensor(feed, device=self.device).unsqueeze(1), torch.tensor(positions),
-                              last_index=torch.zeros(len(seqs), dtype=torch.long), kv_len=max(positions) + 1)
+        """One batch through the engine: all prompts admitted together, then one step at a time
+        until every sequence has ended (a finished one stays in its slot, see Engine)."""
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, logprobs=want_logprobs,
+                                prompt_logprobs=want_logprobs and echo,
+                                stop_tokens=tuple(self.tokenizer.stop_tokens))
+        try:
+            events = self.engine.admit([Request(row, s.prompt, dataclasses.replace(params, max_new_tokens=s.budget))
+                                        for row, s in enumerate(seqs)])
+            while True:
+                for event in events:
+                    s = seqs[event.request_id]
+                    if event.prompt_logprobs is not None:
+                        s.prompt_logprobs = event.prompt_logprobs
+                    if not s.done:  # one that ended on a stop string still decodes, unseen
+                        s.add(event.token, event.logprob)
+                yield seqs
+                if all(s.done for s in seqs):
+                    break
+                events = self.engine.step()
+        finally:  # also when a stream is dropped half-way
+            for row in range(len(seqs)):
+                self.engine.release(row)
         yield seqs
 
     def _prefill(self, seqs: List["_Sequence"], tokens: torch.Tensor, lengths: List[int],
@@ -293,7 +295,7 @@ class Llama:
         if not prompt_logprobs:
             return self.model(tokens, 0, last_index=last_index, kv_len=max(lengths))
         logits = self.model(tokens, 0, kv_len=max(lengths))
-        logprobs = _token_logprobs(logits[:, :-1], tokens[:, 1:]).tolist()
+        logprobs = token_logprobs(logits[:, :-1], tokens[:, 1:]).tolist()
         for s, n, lps in zip(seqs, lengths, logprobs):
             s.prompt_logprobs = [0.0] + lps[:n - 1]
         return logits[torch.arange(len(seqs)), last_index]
@@ -320,13 +322,13 @@ class Llama:
                 mask = torch.tensor(in_prompt, device=self.device)
                 next_tokens = torch.where(mask, torch.tensor(forced, device=self.device), next_tokens)
             chosen = next_tokens.tolist()
-            chosen_logprobs = _token_logprobs(last, next_tokens).tolist() if want_logprobs else [None] * len(seqs)
+            chosen_logprobs = token_logprobs(last, next_tokens).tolist() if want_logprobs else [None] * len(seqs)
             for s, inside, token, logprob in zip(seqs, in_prompt, chosen, chosen_logprobs):
                 if inside:
                     if want_logprobs and echo:
                         s.prompt_logprobs.append(logprob)
                 elif not s.done:
-                    s.add(token, logprob, stop_tokens)
+                    s.add(None if token in stop_tokens else token, logprob)
             yield seqs
             if all(s.done for s in seqs):
                 break
@@ -356,10 +358,8 @@ class Llama:
         stop (keyword-only): strings that end a sequence as soon as its generated text contains one;
         "generation" then ends just before the first of them, while "tokens" and "logprobs" run up
         to and including the token that completed it. Other sequences go on."""
-        seqs = self._text_sequences(prompts, temperature, top_p, max_gen_len, logprobs, echo, top_k, stop, False)
-        for _ in self._decode(seqs, temperature, top_p, top_k, logprobs, echo):
-            pass
-        return [self._completion(s, logprobs, echo) for s in seqs]
+        return _results(self.stream_text_completion(prompts, temperature, top_p, max_gen_len, logprobs, echo,
+                                                     top_k=top_k, stop=stop))
 
     def stream_text_completion(
         self,
@@ -381,11 +381,11 @@ class Llama:
         The arguments are checked at once; generation runs while the iterator is consumed. Under
         torchrun every rank must consume the stream the same way (all of it, or stop at the same
         piece), as with any collective step."""
-        seqs = self._text_sequences(prompts, temperature, top_p, max_gen_len, logprobs, echo, top_k, stop, True)
+        seqs = self._text_sequences(prompts, temperature, top_p, max_gen_len, logprobs, echo, top_k, stop)
         return self._stream(seqs, None, temperature, top_p, top_k, logprobs, echo,
                             lambda s: self._completion(s, logprobs, echo))
 
-    def _text_sequences(self, prompts, temperature, top_p, max_gen_len, logprobs, echo, top_k, stop, stream):
+    def _text_sequences(self, prompts, temperature, top_p, max_gen_len, logprobs, echo, top_k, stop):
         check_same_inputs("text_completion() arguments", (prompts, temperature, top_p, max_gen_len, logprobs, echo,
                                                           top_k, stop), self.device)
         if isinstance(prompts, str):
@@ -397,8 +397,7 @@ class Llama:
                 raise ValueError(f"prompt {i} must be a non-empty string, got {prompt!r}")
         stops = check_stop(stop)
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-        return self._sequences(prompt_tokens, max_gen_len, temperature, top_p, top_k, echo, stops,
-                               watch_text=stream or bool(stops))
+        return self._sequences(prompt_tokens, max_gen_len, temperature, top_p, top_k, echo, stops, watch_text=True)
 
     def chat_completion(
         self,
@@ -414,10 +413,8 @@ class Llama:
         """Answers each dialog (a list of {"role", "content"} messages ending with a user turn) in the
         model's chat format. Returns one {"generation": {"role": "assistant", "content": str}} per
         dialog, plus "tokens" and "logprobs" when logprobs=True. stop: as in text_completion."""
-        refusals, seqs = self._chat_sequences(dialogs, temperature, top_p, max_gen_len, logprobs, top_k, stop, False)
-        for _ in self._decode(seqs, temperature, top_p, top_k, logprobs, False):
-            pass
-        return [self._completion(s, logprobs, echo=False, chat=True, content=refusals[s.index]) for s in seqs]
+        return _results(self.stream_chat_completion(dialogs, temperature, top_p, max_gen_len, logprobs,
+                                                     top_k=top_k, stop=stop))
 
     def stream_chat_completion(
         self,
@@ -434,11 +431,11 @@ class Llama:
         of each index join to the reply's "content". A refused dialog (Llama 2 special tags) gets
         its refusal text as one piece before any other; its generation runs unseen, as in Meta's
         code, and its last piece (text "", finish_reason "refused") comes when that ends."""
-        refusals, seqs = self._chat_sequences(dialogs, temperature, top_p, max_gen_len, logprobs, top_k, stop, True)
+        refusals, seqs = self._chat_sequences(dialogs, temperature, top_p, max_gen_len, logprobs, top_k, stop)
         return self._stream(seqs, refusals, temperature, top_p, top_k, logprobs, False,
                             lambda s: self._completion(s, logprobs, echo=False, chat=True, content=refusals[s.index]))
 
-    def _chat_sequences(self, dialogs, temperature, top_p, max_gen_len, logprobs, top_k, stop, stream):
+    def _chat_sequences(self, dialogs, temperature, top_p, max_gen_len, logprobs, top_k, stop):
         """The refusal text of each dialog (None for the others) and a sequence for every dialog:
         like Meta's Llama 2 code, a refused dialog still runs, and only its reply text is replaced
         (its tokens and logprobs are those generated)."""
@@ -451,8 +448,7 @@ class Llama:
         stops = check_stop(stop)
         refusals = [self.formatter.refusal(d) for d in dialogs]
         encoded = [self.formatter.encode_dialog_prompt(d) for d in dialogs]
-        seqs = self._sequences(encoded, max_gen_len, temperature, top_p, top_k, False, stops,
-                               watch_text=stream or bool(stops))
+        seqs = self._sequences(encoded, max_gen_len, temperature, top_p, top_k, False, stops, watch_text=True)
         return refusals, seqs
 
     def _stream(self, seqs, refusals, temperature, top_p, top_k, logprobs, echo,
@@ -498,6 +494,13 @@ class Llama:
         return result
 
 
+def _results(pieces: Iterator[StreamPiece]) -> list:
+    """Runs a stream to its end; returns each index's result in order (what the non-streaming
+    methods return)."""
+    results = {piece["index"]: piece["result"] for piece in pieces if piece["result"] is not None}
+    return [results[i] for i in range(len(results))]
+
+
 class _Sequence:
     """One prompt's way through the decoding loop: the tokens (and their logprobs) generated so
     far, why it ended, and, when its text is watched, a TextStream of it."""
@@ -518,8 +521,9 @@ class _Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def add(self, token: int, logprob: Optional[float], stop_tokens) -> None:
-        if token in stop_tokens:  # a stop token ends the sequence and is not part of it
+    def add(self, token: Optional[int], logprob: Optional[float]) -> None:
+        """token None: the model chose a stop token, which ends the sequence and is not part of it."""
+        if token is None:
             self._finish("stop_token")
             return
         self.tokens.append(token)
@@ -540,7 +544,3 @@ class _Sequence:
 
     def output_logprobs(self, echo: bool) -> List[float]:
         return (self.prompt_logprobs if echo else []) + self.logprobs
-
-def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) under the raw (untempered) logits, as Meta reports it."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
