@@ -1,0 +1,263 @@
+"""Serving under concurrent load: continuous batching (llama.serve) against one request at a time
+and against static batching.
+
+    python benchmarks/bench_serve.py --ckpt_dir DIR --tokenizer_path DIR/tokenizer.json \
+        [--ranks 3] [--clients 16] [--max_batch_size 16] [--requests 32] [--json results.json]
+
+The same fixed requests (prompts of different lengths, greedy, a fixed mix of max_tokens) run three
+ways, and each way reports requests/s, generated tokens/s, time to first token (TTFT) and time per
+output token (TPOT = (latency - TTFT) / (tokens - 1)), p50 and p99:
+- one at a time: one client sends the requests to the server one after another;
+- static batching: the runner's stream_text_completion over the requests in chunks of
+  max_batch_size, under torchrun with the same ranks (a batch runs until its longest request
+  ends, and only then do its clients send their next requests, so a request's latency is its
+  chunk's end; TTFT is when its first text came out, from the chunk's start);
+- continuous batching: --clients clients send to the server at once, each its next request as
+  soon as the last one is answered (streamed; usage counts the tokens).
+Tokens are those each request really generated (a stop token can end one before max_tokens).
+Needs the serve extra and httpx (the test extra has both).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Prompts of different lengths (about 5 to 120 tokens) and a fixed mix of output lengths whose
+# mean is 64 tokens.
+TEXTS = [
+    "The capital of France is",
+    "Here is a short story about a robot who learns to paint:",
+    "Write a list of ten things to pack for a week of hiking in the mountains, with a reason for each:",
+    "def quicksort(items):\n    \"\"\"Sorts a list of numbers.\"\"\"\n",
+    "Dear hiring manager,\n\nI am writing to apply for the position of data analyst that I saw advertised "
+    "on your website last week. Over the past five years I have worked with large data sets in the retail "
+    "and logistics industries, building reports and dashboards that helped managers plan stock, staff and "
+    "deliveries. I am confident that",
+    "Q: What causes the seasons on Earth?\nA:",
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+    "several existing technologies into a practical system for producing books. Before that, books were "
+    "copied by hand, which made them rare and expensive. Gutenberg's press used movable metal type, an "
+    "oil-based ink and a wooden screw press adapted from those used to make wine and olive oil. The "
+    "result was",
+    "Translate to French: I would like a cup of coffee and a croissant, please.",
+]
+OUTPUT_LENGTHS = [8, 24, 40, 56, 72, 88, 104, 120]
+
+
+def workload(n: int, max_tokens: Optional[int]) -> List[Tuple[str, int]]:
+    """n (prompt, max_tokens) pairs; max_tokens None: the fixed mix."""
+    return [(TEXTS[i % len(TEXTS)], max_tokens or OUTPUT_LENGTHS[(3 * i) % len(OUTPUT_LENGTHS)])
+            for i in range(n)]
+
+
+def summary(name: str, records: List[Dict], wall: float) -> Dict:
+    """records: per request {ttft, latency, tokens} in seconds / tokens."""
+    def pct(values, q):
+        values = sorted(values)
+        if len(values) == 1:
+            return values[0]
+        return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+    ttft = [r["ttft"] for r in records]
+    tpot = [(r["latency"] - r["ttft"]) / (r["tokens"] - 1) for r in records if r["tokens"] > 1]
+    tokens = sum(r["tokens"] for r in records)
+    return {"mode": name, "requests": len(records), "seconds": wall, "requests_per_s": len(records) / wall,
+            "tokens": tokens, "tokens_per_s": tokens / wall,
+            "ttft_p50_ms": 1000 * pct(ttft, 50), "ttft_p99_ms": 1000 * pct(ttft, 99),
+            "tpot_p50_ms": 1000 * pct(tpot, 50), "tpot_p99_ms": 1000 * pct(tpot, 99)}
+
+
+# ---- static batching: runs under torchrun, every rank the same calls ---------------------------
+
+def static_worker(args) -> None:
+    sys.path.insert(0, str(REPO))
+    from llama import Llama
+
+    llama = Llama.build(args.ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len,
+                        max_batch_size=args.max_batch_size, device="cpu", dtype="fp32")
+    requests = workload(args.requests, args.max_tokens)
+    llama.text_completion([requests[0][0]], temperature=0, max_gen_len=4)  # warm-up
+    records = []
+    start = time.perf_counter()
+    for first in range(0, len(requests), args.max_batch_size):
+        chunk = requests[first:first + args.max_batch_size]
+        chunk_start = time.perf_counter()
+        first_text, counts = {}, {}
+        # The batch runs until its longest request ends; each request keeps its own first tokens.
+        for piece in llama.stream_text_completion([p for p, _ in chunk], temperature=0, logprobs=True,
+                                                  max_gen_len=max(n for _, n in chunk)):
+            i = piece["index"]
+            if i not in first_text and (piece["text"] or piece["result"] is not None):
+                first_text[i] = time.perf_counter() - chunk_start
+            if piece["result"] is not None:
+                counts[i] = min(len(piece["result"]["tokens"]), chunk[i][1])
+        chunk_end = time.perf_counter() - chunk_start
+        records += [{"ttft": first_text[i], "latency": chunk_end, "tokens": counts[i]} for i in range(len(chunk))]
+    wall = time.perf_counter() - start
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(args.static_out).write_text(json.dumps(summary("static batching", records, wall)))
+
+
+def run_static(args, env) -> Dict:
+    out = Path(args.workdir) / "static.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), __file__,
+           "--static_worker", "--static_out", str(out), *common_flags(args)]
+    subprocess.run(cmd, env=env, check=True)
+    return json.loads(out.read_text())
+
+
+# ---- the server: one at a time, and continuous batching ----------------------------------------
+
+async def send(client, url: str, model: str, prompt: str, max_tokens: int) -> Dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first, tokens = None, 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"the server answered {response.status_code}: {(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if first is None and any(c.get("text") for c in chunk.get("choices", [])):
+                first = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    latency = time.perf_counter() - start
+    return {"ttft": latency if first is None else first, "latency": latency, "tokens": tokens}
+
+
+async def drive(url: str, model: str, requests: List[Tuple[str, int]], clients: int) -> Tuple[List[Dict], float]:
+    """`clients` clients, each sending its next request when the last one is answered."""
+    import httpx
+
+    queue = list(enumerate(requests))
+    records: Dict[int, Dict] = {}
+
+    async def client_loop(client):
+        while queue:
+            i, (prompt, max_tokens) = queue.pop(0)
+            records[i] = await send(client, url, model, prompt, max_tokens)
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        wall = time.perf_counter() - start
+    return [records[i] for i in range(len(requests))], wall
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, env) -> Tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), "-m", "llama.serve",
+           "--port", str(port), *common_flags(args)]
+    server = subprocess.Popen(cmd, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with code {server.returncode} before it was ready")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop_server(server)
+    raise RuntimeError("the server was not ready within 600 s")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def run_server_modes(args, env) -> List[Dict]:
+    import httpx
+
+    requests = workload(args.requests, args.max_tokens)
+    server, url = start_server(args, env)
+    try:
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        asyncio.run(drive(url, model, requests[:1], 1))  # warm-up
+        alone, wall_alone = asyncio.run(drive(url, model, requests, 1))
+        together, wall_together = asyncio.run(drive(url, model, requests, args.clients))
+    finally:
+        stop_server(server)
+    return [summary("one at a time", alone, wall_alone),
+            summary(f"continuous batching ({args.clients} clients)", together, wall_together)]
+
+
+def common_flags(args) -> List[str]:
+    return ["--ckpt_dir", args.ckpt_dir, "--tokenizer_path", args.tokenizer_path,
+            "--max_batch_size", str(args.max_batch_size), "--max_seq_len", str(args.max_seq_len)]
+
+
+def table(rows: List[Dict]) -> str:
+    lines = ["| mode | requests/s | generated tokens/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['tpot_p50_ms']:.0f} / {r['tpot_p99_ms']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt_dir", required=True)
+    parser.add_argument("--tokenizer_path", required=True)
+    parser.add_argument("--ranks", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--max_batch_size", type=int, default=16)
+    parser.add_argument("--max_seq_len", type=int, default=512)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--max_tokens", type=int, default=None,
+                        help="the same max_tokens for every request (default: a fixed mix, mean 64)")
+    parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--workdir", default="/tmp")
+    parser.add_argument("--static_worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--static_out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.static_worker:
+        return static_worker(args)
+
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    static = run_static(args, env)
+    alone, continuous = run_server_modes(args, env)
+    rows = [alone, static, continuous]
+    print(f"load average after: {os.getloadavg()}")
+    print(table(rows))
+    print(f"continuous / one at a time: {continuous['tokens_per_s'] / alone['tokens_per_s']:.2f}x tokens/s; "
+          f"continuous / static: {continuous['tokens_per_s'] / static['tokens_per_s']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
