@@ -7,6 +7,7 @@ requirements = [line.strip() for line in (here / "requirements.txt").read_text()
                 if line.strip() and not line.startswith("#")]
 
 CONVERT = ["gguf>=0.16", "safetensors>=0.4", "tqdm>=4.60"]
+SERVE = ["aiohttp>=3.9", "pydantic>=2.5"]
 
 setup(
     name="llama",
@@ -20,10 +21,13 @@ setup(
     extras_require={
         # python -m llama.convert: GGUF files, safetensors folders, a progress bar.
         "convert": CONVERT,
+        # python -m llama.serve: the HTTP server (aiohttp) and its request schemas (pydantic).
+        "serve": SERVE,
         # llama-models ships Meta's real Llama 3 tokenizer, used by the tests; transformers (with
         # accelerate for its GGUF loading) is the reference the converter is checked against.
-        # pexpect drives the interactive chat through a pseudo-terminal.
+        # pexpect drives the interactive chat through a pseudo-terminal; the server is tested with
+        # the official openai client (and httpx for requests the client would never send).
         "test": ["pytest>=7", "llama-models==0.3.0", *CONVERT, "transformers>=4.46", "accelerate>=0.26",
-                 "pexpect>=4.8"],
+                 "pexpect>=4.8", *SERVE, "openai>=1.40", "httpx>=0.23"],
     },
 )

@@ -28,7 +28,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Optional, TypeVar
+from typing import Callable, List, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -130,12 +130,23 @@ class _Watchdog:
 _watchdog: Optional[_Watchdog] = None
 
 
+_abort_hooks: List[Callable[[str], None]] = []
+
+
+def on_abort(hook: Callable[[str], None]) -> None:
+    """Has abort() call hook(message) before it ends the process; for last words that must not
+    wait long (the server answers its open requests with the error)."""
+    _abort_hooks.append(hook)
+
+
 def abort(message: str) -> None:
     """Prints the message and ends this process now, from any thread, with exit code 1."""
     try:
         sys.stdout.flush()
         sys.stderr.write(message + "\n")
         sys.stderr.flush()
+        for hook in _abort_hooks:
+            hook(message)
     finally:
         os._exit(1)
 

@@ -1,0 +1,70 @@
+"""Serves a model over HTTP with OpenAI's API, on one process or on N torchrun ranks.
+
+torchrun --nproc_per_node N -m llama.serve --ckpt_dir DIR --tokenizer_path FILE [--host 127.0.0.1] [--port 8000]
+python -m llama.serve ...   (one process)
+"""
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import fire
+from torch.distributed.elastic.multiprocessing.errors import record
+
+try:
+    import aiohttp  # noqa: F401
+    import pydantic  # noqa: F401
+except ImportError as e:
+    raise SystemExit(f"python -m llama.serve needs the `serve` extra ({e.name} is missing): "
+                     f"pip install -e '.[serve]'") from None
+
+from ..distributed import is_main_process
+from ..engine import Engine
+from ..generation import Llama
+from ..lockstep import DEFAULT_TIMEOUT
+from .server import ignore_signals_until_rank0_stops, serve
+from .steps import follow
+
+
+@record  # under torchrun, a rank's error and traceback appear in the launcher's failure summary
+def main(
+    ckpt_dir: str,
+    tokenizer_path: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch_size: int = 8,
+    max_seq_len: int = 2048,
+    model_name: Optional[str] = None,
+    api_key: Optional[str] = None,
+    max_queue: int = 64,
+    device: str = "auto",
+    dtype: Optional[str] = None,
+    compile: bool = False,
+    quantize: Optional[str] = None,
+    seed: int = 1,
+    timeout: float = DEFAULT_TIMEOUT,
+):
+    """--host/--port: where to listen (127.0.0.1 unless told otherwise; --port 0 picks a free port).
+    --max_batch_size: requests decoding together; --max_queue: requests that may wait for a slot
+    (beyond them the server answers 429). --model_name: the name clients ask for (default: the
+    checkpoint folder's name). --api_key (or the LLAMA_API_KEY environment variable): clients must
+    send 'Authorization: Bearer KEY'. --device, --dtype, --compile, --quantize, --seed, --timeout:
+    as in example_text_completion.py."""
+    if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
+        raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+    if not isinstance(port, int) or not 0 <= port < 65536:
+        raise ValueError(f"port must be an integer in [0, 65535] (0: any free port), got {port!r}")
+    api_key = api_key if api_key is not None else os.environ.get("LLAMA_API_KEY")
+    llama = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
+                        max_batch_size=max_batch_size, seed=seed, device=device, dtype=dtype, timeout=timeout,
+                        compile=compile, quantize=quantize)
+    engine = Engine(llama.model, max_batch_size, max_seq_len)
+    if is_main_process():
+        serve(llama, engine, host, port, model_name or Path(ckpt_dir).resolve().name, api_key, max_queue)
+    else:
+        ignore_signals_until_rank0_stops()
+        follow(engine)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

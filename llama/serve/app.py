@@ -1,0 +1,310 @@
+"""The HTTP routes of the OpenAI-compatible server: request checking, prompts (text, token ids,
+or chat messages in the model's own chat format), and responses, whole or streamed as
+server-sent events, in OpenAI's format.
+
+GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions."""
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+from aiohttp import web
+
+from ..chat_format import ChatFormat
+from ..engine import SamplingParams
+from ..tokenizer import Tokenizer
+from .scheduler import Job, Scheduler, Update
+from .schemas import (ApiError, ChatCompletionRequest, CompletionRequest, message_text, parse_body)
+
+MAX_BODY_BYTES = 8 * 1024 * 1024  # a larger request body is refused with 413
+
+
+@dataclass
+class Service:
+    """What the routes need: the runner's tokenizer and chat format, and the scheduler."""
+    scheduler: Scheduler
+    tokenizer: Tokenizer
+    formatter: ChatFormat
+    model_name: str
+    max_seq_len: int
+    vocab_size: int
+    api_key: Optional[str] = None
+    created: int = 0  # when the model was loaded (the "created" of GET /v1/models)
+    open_responses: int = 0  # requests whose answer is not fully sent yet
+
+
+def make_app(service: Service) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors(service)])
+    routes = _Routes(service)
+    app.router.add_get("/health", routes.health)
+    app.router.add_get("/v1/models", routes.models)
+    app.router.add_post("/v1/completions", routes.completions)
+    app.router.add_post("/v1/chat/completions", routes.chat_completions)
+    return app
+
+
+def error_response(error: ApiError) -> web.Response:
+    return web.json_response(error.body(), status=error.status)
+
+
+def _errors(service: Service):
+    """Checks the API key, and answers every error with an OpenAI error body."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        try:
+            if service.api_key is not None and request.path.startswith("/v1/"):
+                if request.headers.get("Authorization", "") != f"Bearer {service.api_key}":
+                    raise ApiError(401, "invalid or missing API key: send the header 'Authorization: Bearer KEY' "
+                                        "with the key the server was started with", code="invalid_api_key")
+            return await handler(request)
+        except ApiError as e:
+            return error_response(e)
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes",
+                                           code="request_too_large"))
+        except web.HTTPException as e:  # no such route, wrong method
+            if e.status < 400:
+                raise
+            return error_response(ApiError(e.status, f"{request.method} {request.path}: {e.reason}"))
+
+    return middleware
+
+
+class _Routes:
+    def __init__(self, service: Service):
+        self.s = service
+
+    async def health(self, request: web.Request) -> web.Response:
+        # The server listens only once the model is loaded; it answers 503 once it stops or fails.
+        if not self.s.scheduler.available:
+            return error_response(ApiError(503, "the server is stopping", code="unavailable"))
+        return web.json_response({"status": "ok"})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.s.model_name, "object": "model", "created": self.s.created, "owned_by": "llama"}]})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = parse_body(await request.read(), CompletionRequest)
+        self._check_model(body.model)
+        prompt = self._completion_prompt(body.prompt)
+        want_logprobs = body.logprobs is not None
+        params = self._params(body, prompt, body.max_tokens, want_logprobs, body.logprobs or 0, body.echo)
+        job = self.s.scheduler.submit(prompt, params, body.stop_strings())
+        # echo: the prompt as sent (token ids: their text), then the completion
+        echo = _only_prompt(body.prompt) if isinstance(_only_prompt(body.prompt), str) else self.s.tokenizer.decode(prompt)
+        reply = _CompletionReply(self.s, body, job, want_logprobs, echo if body.echo else None)
+        return await _answer(request, job, reply, body.stream)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = parse_body(await request.read(), ChatCompletionRequest)
+        self._check_model(body.model)
+        prompt = self._chat_prompt(body)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        params = self._params(body, prompt, max_tokens, body.logprobs, body.top_logprobs or 0, False)
+        job = self.s.scheduler.submit(prompt, params, body.stop_strings())
+        reply = _ChatReply(self.s, body, job, body.logprobs)
+        return await _answer(request, job, reply, body.stream)
+
+    def _check_model(self, name: str) -> None:
+        if name != self.s.model_name:
+            raise ApiError(404, f"the model {name!r} does not exist here; this server serves {self.s.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def _completion_prompt(self, prompt) -> List[int]:
+        prompt = _only_prompt(prompt)
+        if isinstance(prompt, str):
+            return self.s.tokenizer.encode(prompt, bos=True, eos=False)
+        if not prompt or min(prompt) < 0 or max(prompt) >= self.s.vocab_size:
+            raise ApiError(400, f"prompt token ids must lie in [0, {self.s.vocab_size})", param="prompt")
+        return list(prompt)
+
+    def _chat_prompt(self, body: ChatCompletionRequest) -> List[int]:
+        dialog = []
+        for i, message in enumerate(body.messages):
+            role = "system" if message.role == "developer" else message.role
+            if role not in ("system", "user", "assistant"):
+                raise ApiError(400, f"messages.{i}.role: {message.role!r} is not supported; use system, user "
+                                    f"or assistant (tools are not supported)", param="messages")
+            dialog.append({"role": role, "content": message_text(message, i)})
+        refusal = self.s.formatter.refusal(dialog)
+        if refusal is not None:
+            raise ApiError(400, refusal, param="messages")
+        try:
+            return self.s.formatter.encode_dialog_prompt(dialog)
+        except ValueError as e:  # e.g. Llama 2's strict order of roles
+            raise ApiError(400, str(e), param="messages") from None
+
+    def _params(self, body, prompt: List[int], max_tokens: Optional[int], logprobs: bool, top_logprobs: int,
+                echo: bool) -> SamplingParams:
+        room = self.s.max_seq_len - len(prompt)
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            asked = f" and max_tokens asks for {max_tokens} more" if max_tokens is not None else ""
+            raise ApiError(400, f"this model's context is {self.s.max_seq_len} tokens: the prompt is {len(prompt)} "
+                                f"tokens{asked}; shorten the prompt or lower max_tokens",
+                           param="max_tokens" if room >= 1 else "prompt", code="context_length_exceeded")
+        return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
+                              max_new_tokens=max_tokens or room, logprobs=logprobs, top_logprobs=top_logprobs,
+                              echo=echo and logprobs, stop_tokens=tuple(self.s.tokenizer.stop_tokens))
+
+
+def _only_prompt(prompt):
+    """The one prompt of a completion request (OpenAI's batch form may hold one here)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and not isinstance(prompt[0], int):
+        return prompt[0]
+    return prompt
+
+
+async def _answer(request: web.Request, job: Job, reply: "_Reply", stream: bool) -> web.StreamResponse:
+    """Waits for the job's updates and answers with one JSON body, or streams them as server-sent
+    events. If the client goes away first (aiohttp then cancels this handler), the job's slot is freed."""
+    service = reply.service
+    service.open_responses += 1
+    try:
+        if not stream:
+            while True:
+                update = await job.updates.get()
+                if update.error is not None:
+                    return error_response(update.error)
+                reply.add(update)
+                if update.finish_reason is not None:
+                    return web.json_response(reply.whole())
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        for chunk in reply.opening():
+            await _send_event(response, chunk)
+        while True:
+            update = await job.updates.get()
+            if update.error is not None:  # OpenAI's clients raise an APIError on an "error" event
+                await _send_event(response, update.error.body())
+                break
+            reply.add(update)
+            for chunk in reply.chunks(update):
+                await _send_event(response, chunk)
+            if update.finish_reason is not None:
+                await response.write(b"data: [DONE]\n\n")
+                break
+        await response.write_eof()
+        return response
+    finally:
+        service.open_responses -= 1
+        if not job.ended:
+            service.scheduler.cancel(job)
+
+
+async def _send_event(response: web.StreamResponse, data: dict) -> None:
+    await response.write(f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode())
+
+
+class _Reply:
+    """Collects a job's updates and shapes them as one OpenAI response or as its stream of chunks."""
+    object_name = ""
+
+    _echo: Optional[str] = None  # text that opens the reply (a completion's echoed prompt) and is not yet sent
+
+    def __init__(self, service: Service, body, job: Job, want_logprobs: bool):
+        self.service, self.body, self.job, self.want_logprobs = service, body, job, want_logprobs
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.text: List[str] = []
+        self.finish_reason: Optional[str] = None
+
+    def add(self, update: Update) -> None:
+        self.text.append(update.text)
+        self.finish_reason = update.finish_reason or self.finish_reason
+
+    def usage(self) -> dict:
+        prompt, completion = len(self.job.request.prompt), len(self.job.tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.service.model_name}
+
+    def opening(self) -> List[dict]:
+        return []
+
+    def chunks(self, update: Update) -> List[dict]:
+        chunks = []
+        if update.text or update.finish_reason is not None or update.tokens and self.want_logprobs or self._echo:
+            chunks.append({**self._head(self.chunk_object), "choices": [self._chunk_choice(update)]})
+        options = self.body.stream_options
+        if update.finish_reason is not None and options is not None and options.include_usage:
+            chunks.append({**self._head(self.chunk_object), "choices": [], "usage": self.usage()})
+        return chunks
+
+    def _token_text(self, token: int) -> str:
+        return self.service.tokenizer.decode([token])
+
+
+class _CompletionReply(_Reply):
+    id_prefix, chunk_object = "cmpl", "text_completion"
+
+    def __init__(self, service: Service, body, job: Job, want_logprobs: bool, echo: Optional[str]):
+        super().__init__(service, body, job, want_logprobs)
+        self._echo = echo
+
+    def whole(self) -> dict:
+        choice = {"index": 0, "text": (self._echo or "") + "".join(self.text), "finish_reason": self.finish_reason,
+                  "logprobs": self._logprobs(self.job.tokens, self.job.logprobs, self.job.top_logprobs,
+                                             self.body.echo) if self.want_logprobs else None}
+        return {**self._head("text_completion"), "choices": [choice], "usage": self.usage()}
+
+    def _chunk_choice(self, update: Update) -> dict:
+        echo, self._echo = self._echo, None  # the first chunk opens with the echoed prompt and its logprobs
+        logprobs = (self._logprobs(update.tokens, update.logprobs, update.top_logprobs, echo is not None)
+                    if self.want_logprobs else None)
+        return {"index": 0, "text": (echo or "") + update.text, "finish_reason": update.finish_reason,
+                "logprobs": logprobs}
+
+    def _logprobs(self, tokens, logprobs, top_logprobs, with_prompt: bool) -> dict:
+        """OpenAI's completions logprobs: parallel lists, top_logprobs as {token text: logprob}."""
+        texts = [self._token_text(t) for t in tokens]
+        chosen: List[Optional[float]] = list(logprobs)
+        tops: List[Optional[dict]] = [{self._token_text(t): lp for t, lp in top} for top in top_logprobs]
+        if with_prompt:
+            prompt = self.job.request.prompt
+            prompt_logprobs = list(self.job.prompt_logprobs or [0.0] * len(prompt))
+            texts = [self._token_text(t) for t in prompt] + texts
+            chosen = [None] + prompt_logprobs[1:] + chosen  # the first prompt token has no logprob
+            tops = [None] * len(prompt) + tops
+        offsets, at = [], 0
+        for text in texts:
+            offsets.append(at)
+            at += len(text)
+        return {"tokens": texts, "token_logprobs": chosen, "top_logprobs": tops if self.body.logprobs else None,
+                "text_offset": offsets}
+
+
+class _ChatReply(_Reply):
+    id_prefix, chunk_object = "chatcmpl", "chat.completion.chunk"
+
+    def whole(self) -> dict:
+        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(self.text)},
+                  "finish_reason": self.finish_reason,
+                  "logprobs": self._logprobs(self.job.tokens, self.job.logprobs, self.job.top_logprobs)
+                  if self.want_logprobs else None}
+        return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage()}
+
+    def opening(self) -> List[dict]:
+        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        return [{**self._head(self.chunk_object), "choices": [choice]}]
+
+    def _chunk_choice(self, update: Update) -> dict:
+        delta = {"content": update.text} if update.text else {}
+        logprobs = (self._logprobs(update.tokens, update.logprobs, update.top_logprobs)
+                    if self.want_logprobs else None)
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": update.finish_reason}
+
+    def _logprobs(self, tokens, logprobs, top_logprobs) -> dict:
+        """OpenAI's chat logprobs: one entry per token, with its bytes and its most likely rivals."""
+        def entry(token: int, logprob: float) -> dict:
+            data = self.service.tokenizer.decode_bytes([token])
+            return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
+
+        tops = top_logprobs or [[] for _ in tokens]
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(tt, tlp) for tt, tlp in top]}
+                            for t, lp, top in zip(tokens, logprobs, tops)], "refusal": None}
