@@ -86,3 +86,15 @@ def smollm2_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "mp3"
     convert(smollm2_gguf(), out, shards=3, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    """transformers' own tokenizer and model, loaded from the same GGUF: the reference for SmolLM2."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    return tokenizer, model.eval()

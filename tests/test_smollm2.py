@@ -8,7 +8,6 @@ import torch
 from llama import Llama
 from llama.chat_format import ChatMLFormat
 
-from .conftest import smollm2_gguf
 from .convert_helpers import run_ranks
 
 NEW_TOKENS = 32
@@ -39,17 +38,6 @@ CORPUS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def reference():
-    """transformers' own tokenizer and model, loaded from the same GGUF."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    return tokenizer, model.eval()
-
-
 @pytest.fixture(scope="module")
 def ours(smollm2_ckpt):
     ckpt = smollm2_ckpt
@@ -66,9 +54,9 @@ def prompts(ours):
 
 
 @pytest.fixture(scope="module")
-def expected(reference, ours, prompts):
+def expected(smollm2_reference, ours, prompts):
     """transformers' greedy continuation of each prompt, cut before the first stop token."""
-    _, model = reference
+    _, model = smollm2_reference
     stops = ours.tokenizer.stop_tokens
     results = []
     with torch.no_grad():
@@ -82,8 +70,8 @@ def expected(reference, ours, prompts):
     return results
 
 
-def test_tokenizer_ids_match_the_models_own(ours, reference):
-    theirs, _ = reference
+def test_tokenizer_ids_match_the_models_own(ours, smollm2_reference):
+    theirs, _ = smollm2_reference
     special_ids = set(ours.tokenizer.special_tokens.values())
     for text in CORPUS:
         ids = ours.tokenizer.encode(text, bos=True, eos=False)  # SmolLM2 adds no BOS
@@ -95,8 +83,8 @@ def test_tokenizer_ids_match_the_models_own(ours, reference):
             assert text.encode().startswith(ours.tokenizer.decode_bytes(ids[:k]))
 
 
-def test_chat_prompts_match_the_models_chat_template(ours, reference):
-    theirs, _ = reference
+def test_chat_prompts_match_the_models_chat_template(ours, smollm2_reference):
+    theirs, _ = smollm2_reference
     assert isinstance(ours.formatter, ChatMLFormat)
     assert ours.tokenizer.stop_tokens == [theirs.convert_tokens_to_ids("<|im_end|>")]
     for dialog in DIALOGS[:-1]:  # the last one spells special tokens, which the template would not escape

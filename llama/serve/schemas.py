@@ -41,7 +41,7 @@ class _Sampling(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=0)  # an extra of this server: 0 or None keeps every token
     stop: Union[None, str, List[str]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-2 ** 63, lt=2 ** 64)  # what torch.Generator.manual_seed takes
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None  # accepted and ignored

@@ -1,0 +1,71 @@
+"""The server on a real model, SmolLM2-135M-Instruct converted from its GGUF, against transformers
+running the same GGUF: greedy completions and chat replies (ChatML, the model's own template) over
+HTTP equal transformers' greedy continuations, asked one at a time and all at once."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from .serving import Server
+
+NEW_TOKENS = 24
+PROMPTS = ["The capital of France is", "Here is a list of three fruits:\n1.", "Water boils at a temperature of"]
+DIALOGS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a concise assistant."},
+     {"role": "user", "content": "Name three primary colors."}],
+]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_ckpt):
+    srv = Server(smollm2_ckpt, 1, "--max_batch_size", "4", "--max_seq_len", "256", "--model_name", "smollm2",
+                 tokenizer="tokenizer.json")
+    yield srv
+    assert srv.stop() == 0, srv.output[-3000:]
+    assert srv.leftovers() == []
+
+
+def greedy(smollm2_reference, ids):
+    """transformers' greedy continuation, cut before the stop token, as text and finish reason."""
+    tokenizer, model = smollm2_reference
+    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=stop, pad_token_id=stop)
+    new = out[0, len(ids):].tolist()
+    if stop in new:
+        return tokenizer.decode(new[:new.index(stop)]), "stop"
+    return tokenizer.decode(new), "length"
+
+
+@pytest.fixture(scope="module")
+def expected(smollm2_reference):
+    tokenizer, _ = smollm2_reference
+    plain = [greedy(smollm2_reference, tokenizer(p).input_ids) for p in PROMPTS]
+    templated = [tokenizer.apply_chat_template(d, tokenize=False, add_generation_prompt=True) for d in DIALOGS]
+    chat = [greedy(smollm2_reference, tokenizer(t, add_special_tokens=False).input_ids) for t in templated]
+    return plain, chat
+
+
+def test_greedy_completions_and_chat_equal_transformers(server, expected):
+    client = server.client()
+
+    def complete(prompt):
+        choice = client.completions.create(model="smollm2", prompt=prompt, max_tokens=NEW_TOKENS,
+                                           temperature=0).choices[0]
+        return choice.text, choice.finish_reason
+
+    def chat(dialog):
+        choice = client.chat.completions.create(model="smollm2", messages=dialog, max_tokens=NEW_TOKENS,
+                                                temperature=0).choices[0]
+        return choice.message.content, choice.finish_reason
+
+    plain, replies = expected
+    assert [complete(p) for p in PROMPTS] == plain
+    assert [chat(d) for d in DIALOGS] == replies
+    assert "Paris" in replies[0][0]
+    with ThreadPoolExecutor(len(PROMPTS) + len(DIALOGS)) as pool:  # all at once: one batch
+        together = [pool.submit(complete, p) for p in PROMPTS] + [pool.submit(chat, d) for d in DIALOGS]
+        assert [f.result() for f in together] == plain + replies
