@@ -58,7 +58,7 @@ def main(
     llama = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                         max_batch_size=max_batch_size, seed=seed, device=device, dtype=dtype, timeout=timeout,
                         compile=compile, quantize=quantize)
-    engine = Engine(llama.model, max_batch_size, max_seq_len)
+    engine = Engine(llama.model)  # the server's own: its slots are the rows of the model's KV cache
     if is_main_process():
         serve(llama, engine, host, port, model_name or Path(ckpt_dir).resolve().name, api_key, max_queue)
     else:

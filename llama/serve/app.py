@@ -149,7 +149,7 @@ class _Routes:
                            param="max_tokens" if room >= 1 else "prompt", code="context_length_exceeded")
         return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
                               max_new_tokens=max_tokens or room, logprobs=logprobs, top_logprobs=top_logprobs,
-                              echo=echo and logprobs, stop_tokens=tuple(self.s.tokenizer.stop_tokens))
+                              prompt_logprobs=echo and logprobs, stop_tokens=tuple(self.s.tokenizer.stop_tokens))
 
 
 def _only_prompt(prompt):

@@ -55,8 +55,8 @@ class Job:
 
     def add(self, event: TokenEvent) -> None:
         """Takes one token from the engine (engine thread)."""
-        if event.finish_reason == "stop":  # a stop token: it ends the text and is not part of it
-            self._finish("stop")
+        if event.token is None:  # a stop token (not part of the text), or no room for any token
+            self._finish(event.finish_reason)
             return
         self.tokens.append(event.token)
         if event.logprob is not None:
@@ -186,7 +186,7 @@ class Scheduler:
                     if event.finish_reason is not None and event.request_id in self._release:
                         self._release.remove(event.request_id)  # the engine freed it by itself
                     continue
-                if getattr(event, "prompt_logprobs", None) is not None:
+                if event.prompt_logprobs is not None:
                     job.prompt_logprobs = event.prompt_logprobs
                 job.add(event)
                 touched[job.id] = job
