@@ -95,9 +95,10 @@ class Job:
 class Scheduler:
     """The queue and the running batch, as rank 0 sees them; see the module docstring."""
 
-    def __init__(self, tokenizer: Tokenizer, utf8_errors: str, max_queue: int, loop: asyncio.AbstractEventLoop):
+    def __init__(self, tokenizer: Tokenizer, utf8_errors: str, max_batch_size: int, max_queue: int,
+                 loop: asyncio.AbstractEventLoop):
         self._tokenizer, self._utf8_errors = tokenizer, utf8_errors
-        self.max_queue = max_queue
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self._loop = loop
         self._lock = threading.Condition()
         self._waiting: Deque[Job] = deque()
@@ -113,7 +114,9 @@ class Scheduler:
         """Queues a request; raises ApiError 429 when the queue is full, 503 when the server stops."""
         with self._lock:
             self._check_available()
-            if len(self._waiting) >= self.max_queue:
+            # Requests that will find a free slot at the next step do not count against the queue.
+            free = max(0, self.max_batch_size - len(self._running) - len(self._release))
+            if len(self._waiting) >= self.max_queue + free:
                 raise ApiError(429, f"the server is busy: {len(self._running)} requests are running and "
                                     f"{len(self._waiting)} waiting, the most its queue holds; retry later",
                                code="queue_full", kind="server_overloaded")
