@@ -4,12 +4,11 @@ server-sent events, in OpenAI's format.
 
 GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions."""
 
-import asyncio
 import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 from aiohttp import web
 
@@ -94,10 +93,12 @@ class _Routes:
         prompt = self._completion_prompt(body.prompt)
         want_logprobs = body.logprobs is not None
         params = self._params(body, prompt, body.max_tokens, want_logprobs, body.logprobs or 0, body.echo)
+        echo = None  # the prompt as sent (token ids: their text), which then opens the reply
+        if body.echo:
+            sent = _only_prompt(body.prompt)
+            echo = sent if isinstance(sent, str) else self.s.tokenizer.decode(prompt)
         job = self.s.scheduler.submit(prompt, params, body.stop_strings())
-        # echo: the prompt as sent (token ids: their text), then the completion
-        echo = _only_prompt(body.prompt) if isinstance(_only_prompt(body.prompt), str) else self.s.tokenizer.decode(prompt)
-        reply = _CompletionReply(self.s, body, job, want_logprobs, echo if body.echo else None)
+        reply = _CompletionReply(self.s, body, job, want_logprobs, echo)
         return await _answer(request, job, reply, body.stream)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
