@@ -55,12 +55,15 @@ def main(
     if not isinstance(port, int) or not 0 <= port < 65536:
         raise ValueError(f"port must be an integer in [0, 65535] (0: any free port), got {port!r}")
     api_key = api_key if api_key is not None else os.environ.get("LLAMA_API_KEY")
+    # fire turns flag values that look like numbers into numbers; names and keys are text
+    api_key = None if api_key is None else str(api_key)
+    model_name = Path(ckpt_dir).resolve().name if model_name is None else str(model_name)
     llama = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                         max_batch_size=max_batch_size, seed=seed, device=device, dtype=dtype, timeout=timeout,
                         compile=compile, quantize=quantize)
     engine = Engine(llama.model)  # the server's own: its slots are the rows of the model's KV cache
     if is_main_process():
-        serve(llama, engine, host, port, model_name or Path(ckpt_dir).resolve().name, api_key, max_queue)
+        serve(llama, engine, str(host), port, model_name, api_key, max_queue)
     else:
         ignore_signals_until_rank0_stops()
         follow(engine)
