@@ -5,11 +5,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import List, Optional
 
-from .launch import REPO, processes_tagged, tagged_env, torchrun
+from .launch import REPO, assert_nothing_left, processes_tagged, tagged_env, torchrun
 
 READY = re.compile(r"Serving \S+ at (http://127\.0\.0\.1:\d+/v1) \(ready\)")
 START = 180  # seconds to start and load, on a busy 2-core machine
@@ -77,8 +76,5 @@ class Server:
         for line in processes_tagged(self.env):  # ranks a killed launcher left behind
             subprocess.run(["kill", "-9", line.split(":", 1)[0]], check=False)
 
-    def leftovers(self) -> List[str]:
-        deadline = time.monotonic() + 5
-        while processes_tagged(self.env) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return processes_tagged(self.env)
+    def assert_nothing_left(self) -> None:
+        assert_nothing_left(self.env)

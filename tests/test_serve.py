@@ -35,7 +35,7 @@ def server(request, llama31_ckpts):
     code = srv.stop()
     assert code == 0 if ranks == 1 else code is not None, srv.output[-3000:]  # torchrun exits with 1 after SIGTERM
     assert "Server stopped: every rank has left its loop" in srv.output, srv.output[-3000:]
-    assert srv.leftovers() == []
+    srv.assert_nothing_left()
 
 
 @pytest.fixture(scope="module")

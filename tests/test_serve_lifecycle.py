@@ -58,7 +58,7 @@ def test_sigterm_ends_every_rank(small):
         assert last.choices[0].finish_reason == "length"
     except openai.APIError as e:
         assert "shutting down" in e.message
-    assert small.leftovers() == []
+    small.assert_nothing_left()
     assert_port_closed(small.url)
 
 
@@ -77,7 +77,7 @@ def test_killed_rank_ends_the_server(llama31_ckpts):
             client.completions.create(model="tiny", prompt="Hello", max_tokens=LONG, temperature=0)
         code = srv.wait(60)  # the runner's bound: --timeout 5, plus the launcher's teardown
         assert code not in (None, 0), srv.output[-3000:]
-        assert srv.leftovers() == []
+        srv.assert_nothing_left()
         assert_port_closed(srv.url)
         # the request got an answer with an error, not a dropped connection
         assert isinstance(caught.value, openai.APIStatusError), repr(caught.value)

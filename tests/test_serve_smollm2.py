@@ -24,7 +24,7 @@ def server(smollm2_ckpt):
                  tokenizer="tokenizer.json")
     yield srv
     assert srv.stop() == 0, srv.output[-3000:]
-    assert srv.leftovers() == []
+    srv.assert_nothing_left()
 
 
 def greedy(smollm2_reference, ids):
