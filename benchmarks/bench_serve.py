@@ -2,7 +2,7 @@
 and against static batching.
 
     python benchmarks/bench_serve.py --ckpt_dir DIR --tokenizer_path DIR/tokenizer.json \
-        [--ranks 3] [--clients 16] [--max_batch_size 16] [--requests 32] [--json results.json]
+        [--ranks 3] [--clients 16] [--max_batch_size 16] [--requests 32] [--compile] [--json results.json]
 
 The same fixed requests (prompts of different lengths, greedy, a fixed mix of max_tokens) run three
 ways, and each way reports requests/s, generated tokens/s, time to first token (TTFT) and time per
@@ -85,9 +85,11 @@ def static_worker(args) -> None:
     from llama import Llama
 
     llama = Llama.build(args.ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len,
-                        max_batch_size=args.max_batch_size, device="cpu", dtype="fp32")
+                        max_batch_size=args.max_batch_size, device="cpu", dtype="fp32", compile=args.compile)
     requests = workload(args.requests, args.max_tokens)
     llama.text_completion([requests[0][0]], temperature=0, max_gen_len=4)  # warm-up
+    if args.compile:
+        llama.text_completion([p for p, _ in requests[:args.max_batch_size]], temperature=0, max_gen_len=4)
     records = []
     start = time.perf_counter()
     for first in range(0, len(requests), args.max_batch_size):
@@ -169,7 +171,7 @@ def start_server(args, env) -> Tuple[subprocess.Popen, str]:
 
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), "-m", "llama.serve",
-           "--port", str(port), *common_flags(args)]
+           "--port", str(port), "--compile" if args.compile else "--nocompile", *common_flags(args)]
     server = subprocess.Popen(cmd, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
@@ -203,7 +205,10 @@ def run_server_modes(args, env) -> List[Dict]:
     server, url = start_server(args, env)
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        asyncio.run(drive(url, model, requests[:1], 1))  # warm-up
+        # warm-up (with --compile: batch 1, then a full batch, after which every width is compiled)
+        asyncio.run(drive(url, model, requests[:1], 1))
+        if args.compile:
+            asyncio.run(drive(url, model, requests[:args.max_batch_size], args.max_batch_size))
         alone, wall_alone = asyncio.run(drive(url, model, requests, 1))
         together, wall_together = asyncio.run(drive(url, model, requests, args.clients))
     finally:
@@ -237,6 +242,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max_tokens", type=int, default=None,
                         help="the same max_tokens for every request (default: a fixed mix, mean 64)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compiled decode step in every mode (default: eager in every mode)")
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--workdir", default="/tmp")
     parser.add_argument("--static_worker", action="store_true", help=argparse.SUPPRESS)

@@ -24,7 +24,7 @@ def compile_by_default(compile: Optional[bool], long_running: bool) -> bool:
 
 
 def use_persistent_compile_cache() -> Path:
-    """Keeps PyTorch's on-disk compile caches in ~/.cache/llama-stack-runner/torchinductor (or
+    """Keeps PyTorch's on-disk compile caches in ~/.cache/llama-runner/torchinductor (or
     $XDG_CACHE_HOME/...) rather than in /tmp, unless TORCHINDUCTOR_CACHE_DIR is already set.
     Returns the folder. Safe to call more than once."""
     if CACHE_ENV not in os.environ:

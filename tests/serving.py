@@ -18,9 +18,13 @@ STOP = 90  # seconds to wait for every rank to exit after SIGTERM (it takes ~5-1
 class Server:
     """One server on `ranks` CPU processes, listening on a free loopback port."""
 
-    def __init__(self, ckpt: Path, ranks: int = 1, *extra: str, tokenizer: str = "tokenizer.model", **env: str):
+    def __init__(self, ckpt: Path, ranks: int = 1, *extra: str, tokenizer: str = "tokenizer.model",
+                 compile: Optional[bool] = False, **env: str):
+        """compile: False (--nocompile, the tests' default: compiling costs ~45 s a batch size on a
+        2-core machine), True (--compile) or None (no flag: the server's own default)."""
+        flag = {False: ["--nocompile"], True: ["--compile"], None: []}[compile]
         args = ["--ckpt_dir", str(ckpt), "--tokenizer_path", str(ckpt / tokenizer), "--device", "cpu",
-                "--dtype", "fp32", "--port", "0", *extra]
+                "--dtype", "fp32", "--port", "0", *flag, *extra]
         command = [sys.executable, "-m", "llama.serve", *args] if ranks == 1 else \
             torchrun("-m", "llama.serve", *args, ranks=ranks)
         self.env = tagged_env(**env)

@@ -74,6 +74,21 @@ def test_completion_equals_the_runner(client, runner):
         assert complete(client, tokens, max_tokens=12).choices[0].text == want["generation"]
 
 
+def test_the_server_compiles_by_default_and_answers_as_the_runner(llama31_ckpts, runner):
+    """A server pays the compile once, so it compiles unless told --nocompile (issue 11)."""
+    srv = Server(llama31_ckpts[1], 1, "--max_batch_size", "2", "--max_seq_len", "128", "--model_name", MODEL,
+                 compile=None)
+    try:
+        assert "compiled decode step" in srv.output, srv.output[-3000:]  # the "Loaded" line
+        client = srv.client()
+        for prompt in PROMPTS[:2]:  # one at a time: batch 1, one compiled graph
+            (want,) = runner.text_completion([prompt], temperature=0, max_gen_len=12)
+            assert complete(client, prompt, max_tokens=12).choices[0].text == want["generation"]
+    finally:
+        assert srv.stop() == 0, srv.output[-3000:]
+        srv.assert_nothing_left()
+
+
 def test_completion_logprobs_and_echo_equal_the_runner(client, runner):
     prompt = PROMPTS[2]
     got = complete(client, prompt, max_tokens=6, logprobs=2, echo=True).choices[0]

@@ -18,6 +18,7 @@ except ImportError as e:
     raise SystemExit(f"python -m llama.serve needs the `serve` extra ({e.name} is missing): "
                      f"pip install -e '.[serve]'") from None
 
+from ..compiling import compile_by_default
 from ..distributed import is_main_process
 from ..engine import Engine
 from ..generation import Llama
@@ -39,7 +40,7 @@ def main(
     max_queue: int = 64,
     device: str = "auto",
     dtype: Optional[str] = None,
-    compile: bool = False,
+    compile: Optional[bool] = None,
     quantize: Optional[str] = None,
     seed: int = 1,
     timeout: float = DEFAULT_TIMEOUT,
@@ -48,8 +49,9 @@ def main(
     --max_batch_size: requests decoding together; --max_queue: requests that may wait for a slot
     (beyond them the server answers 429). --model_name: the name clients ask for (default: the
     checkpoint folder's name). --api_key (or the LLAMA_API_KEY environment variable): clients must
-    send 'Authorization: Bearer KEY'. --device, --dtype, --compile, --quantize, --seed, --timeout:
-    as in example_text_completion.py."""
+    send 'Authorization: Bearer KEY'. --compile: on by default (a server pays the compile once, on
+    the first steps; the compiled code is kept on disk for the next start), --nocompile turns it
+    off. --device, --dtype, --quantize, --seed, --timeout: as in example_text_completion.py."""
     if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
         raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
     if not isinstance(port, int) or not 0 <= port < 65536:
@@ -60,7 +62,7 @@ def main(
     model_name = Path(ckpt_dir).resolve().name if model_name is None else str(model_name)
     llama = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                         max_batch_size=max_batch_size, seed=seed, device=device, dtype=dtype, timeout=timeout,
-                        compile=compile, quantize=quantize)
+                        compile=compile_by_default(compile, long_running=True), quantize=quantize)
     engine = Engine(llama.model)  # the server's own: its slots are the rows of the model's KV cache
     if is_main_process():
         serve(llama, engine, str(host), port, model_name, api_key, max_queue)
