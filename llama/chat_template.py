@@ -14,7 +14,8 @@ TEMPLATE_FILES = ("tokenizer_config.json", "chat_template.jinja", "chat_template
 _warned: Set[str] = set()
 
 
-def _json_object(path: Path) -> dict:
+def json_object(path: Path) -> dict:
+    """A JSON file's top-level object; {} when the file is absent or holds something else."""
     if not path.is_file():
         return {}
     try:
@@ -36,12 +37,12 @@ def find_chat_template(folder: Path, tokenizer_config: Optional[dict] = None) ->
     tokenizer_config: that folder's tokenizer_config.json when the caller has read it already."""
     folder = Path(folder)
     if tokenizer_config is None:
-        tokenizer_config = _json_object(folder / TEMPLATE_FILES[0])
+        tokenizer_config = json_object(folder / TEMPLATE_FILES[0])
     template = _default_of(tokenizer_config.get("chat_template"))
     if template is None and (folder / TEMPLATE_FILES[1]).is_file():
         template = _default_of((folder / TEMPLATE_FILES[1]).read_text(encoding="utf-8"))
     if template is None:
-        template = _default_of(_json_object(folder / TEMPLATE_FILES[2]).get("chat_template"))
+        template = _default_of(json_object(folder / TEMPLATE_FILES[2]).get("chat_template"))
     return template
 
 

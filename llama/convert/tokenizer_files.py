@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from ..chat_template import find_chat_template
+from ..chat_template import find_chat_template, json_object
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -48,16 +48,6 @@ def _ids(value) -> List[int]:
     return [v for v in value if isinstance(v, int)] if isinstance(value, list) else []
 
 
-def _load_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the download may be incomplete, fetch it again") from None
-    return data if isinstance(data, dict) else {}
-
-
 def copy_hf_tokenizer(folder: Path, model_config: dict, out_dir: Path) -> str:
     """Copies a Hugging Face folder's tokenizer into out_dir; returns the file to pass as --tokenizer_path.
     A folder with only tokenizer.model (SentencePiece or tiktoken) keeps that file."""
@@ -76,7 +66,7 @@ def copy_hf_tokenizer(folder: Path, model_config: dict, out_dir: Path) -> str:
         tokenizer = Tokenizer.from_file(str(source))
     except Exception as e:
         raise ValueError(f"{source} cannot be read by the tokenizers library ({e}); fetch it again") from None
-    config = _load_json(folder / TOKENIZER_CONFIG)
+    config = json_object(folder / TOKENIZER_CONFIG)
 
     def named(key: str) -> Optional[str]:
         text = _token_text(config.get(key))
@@ -90,7 +80,7 @@ def copy_hf_tokenizer(folder: Path, model_config: dict, out_dir: Path) -> str:
     if add_bos is None:  # not stated: see whether the tokenizer's own post-processor adds it
         ids = tokenizer.encode("a", add_special_tokens=True).ids
         add_bos = bos is not None and bool(ids) and ids[0] == tokenizer.token_to_id(bos)
-    generation = _load_json(folder / "generation_config.json")
+    generation = json_object(folder / "generation_config.json")
     stop_ids = _ids(generation.get("eos_token_id")) + _ids(model_config.get("eos_token_id"))
     stops = [tokenizer.id_to_token(i) for i in stop_ids if tokenizer.id_to_token(i) is not None]
     shutil.copyfile(source, out_dir / TOKENIZER_JSON)
