@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .args import LLAMA31_ROPE_FACTOR, ModelArgs
 from .compiling import use_persistent_compile_cache
-from .layers import ColumnParallel, DimParallel, RowParallel, VocabParallel
+from .layers import ColumnParallel, DimParallel, RowParallel, VocabParallel, column_products
 
 
 class _AllocateOnMeta(TorchDispatchMode):
@@ -87,6 +87,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    SAME_INPUT = ("wq", "wk", "wv")  # layers reading the same input, which quantize_model joins
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         world = get_model_parallel_world_size()
@@ -118,9 +120,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.wq(x).view(batch, seq, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(batch, seq, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(batch, seq, self.n_local_kv_heads, self.head_dim)
+        q, k, v = column_products(x, self.wq, self.wk, self.wv)
+        q = q.view(batch, seq, self.n_local_heads, self.head_dim)
+        k = k.view(batch, seq, self.n_local_kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         # Write this step's keys/values at each sequence's own positions, in its own cache row.
@@ -142,6 +145,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    SAME_INPUT = ("w1", "w3")
+
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.w1 = ColumnParallel(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
@@ -149,7 +154,8 @@ class FeedForward(nn.Module):
         self.w3 = ColumnParallel(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = column_products(x, self.w1, self.w3)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -240,7 +246,15 @@ class Transformer(nn.Module):
         compiling the same model reuses it."""
         use_persistent_compile_cache()
         cuda = self.norm.weight.device.type == "cuda"
-        self.compiled_decode = torch.compile(self._decode_step, mode="reduce-overhead" if cuda else None)
+        compiled = torch.compile(self._decode_step, mode="reduce-overhead" if cuda else None)
+
+        def decode(*args):
+            # Guards built with this setting skip the checks of every module whose attributes have
+            # not changed since: ~0.4 ms less per step on our CPU (a tenth of an int4 step of SmolLM2).
+            with torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True):
+                return compiled(*args)
+
+        self.compiled_decode = decode
 
     def _decode_key_positions(self, kv_len: int) -> torch.Tensor:
         device = self.norm.weight.device

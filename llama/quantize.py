@@ -82,6 +82,7 @@ def int4_codes(weight: torch.Tensor, group: int) -> Tuple[torch.Tensor, torch.Te
 class Int8Product(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
+        self.out_features = weight.shape[0]
         weight = weight.float()
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
         self.register_buffer("weight", torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8))
@@ -120,13 +121,24 @@ class Int4Product(nn.Module):
 
 def quantize_model(model: nn.Module, quantize: Optional[str], group: int = DEFAULT_GROUP) -> None:
     """Replaces every parallel linear layer's weight by its quantized product, layer by layer, so
-    only one layer is held twice at once. A tied output layer gets its own quantized copy; with
-    int4, the output layer is int8 (see above)."""
+    only one layer is held twice at once. Layers that read the same input (a module's SAME_INPUT:
+    q, k and v; w1 and w3) get one product for all their rows, on the first of them (its `joint`;
+    see layers.column_products). A tied output layer gets its own quantized copy; with int4, the
+    output layer is int8 (see above)."""
     if quantize is None:
         return
+
+    def product(weight: torch.Tensor, int8: bool) -> nn.Module:
+        return Int8Product(weight) if int8 else Int4Product(weight, group)
+
+    for module in list(model.modules()):
+        layers = [getattr(module, name) for name in getattr(module, "SAME_INPUT", ())]
+        if layers:
+            layers[0].joint = product(torch.cat([layer.weight.detach() for layer in layers]), quantize == "int8")
+            for layer in layers:
+                layer.weight = None
     for layer in model.modules():
-        if isinstance(layer, (ColumnParallel, RowParallel)) and layer.product is None:
+        if isinstance(layer, (ColumnParallel, RowParallel)) and layer.weight is not None:
             weight = layer.weight.detach()
-            int8 = quantize == "int8" or layer is model.output
-            layer.product = Int8Product(weight) if int8 else Int4Product(weight, group)
+            layer.product = product(weight, quantize == "int8" or layer is model.output)
             layer.weight = None
