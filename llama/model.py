@@ -250,11 +250,8 @@ class Transformer(nn.Module):
 
         def decode(*args):
             # Guards built with this setting skip the checks of every module whose attributes have
-            # not changed since: ~0.4 ms less per step on our CPU (a twentieth of an int4 step of
-            # SmolLM2). And a decode step's element-wise kernels (norms, RoPE, SiLU: a few thousand
-            # values) run on one thread, where starting the others costs more than it saves: ~0.9 ms.
-            with torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True), \
-                    torch._inductor.config.patch({"cpp.min_chunk_size": 8192}):
+            # not changed since: ~0.4 ms less per step on our CPU (a twentieth of an int4 step of SmolLM2).
+            with torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True):
                 return compiled(*args)
 
         self.compiled_decode = decode
