@@ -114,7 +114,9 @@ def static_worker(args) -> None:
 def run_static(args, env) -> Dict:
     out = Path(args.workdir) / "static.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), __file__,
-           "--static_worker", "--static_out", str(out), *(["--compile"] if args.compile else []), *common_flags(args)]
+           "--static_worker", "--static_out", str(out), "--requests", str(args.requests),
+           *(["--max_tokens", str(args.max_tokens)] if args.max_tokens else []),
+           *(["--compile"] if args.compile else []), *common_flags(args)]
     subprocess.run(cmd, env=env, check=True)
     return json.loads(out.read_text())
 
