@@ -120,8 +120,8 @@ class Int4Product(nn.Module):
 
 
 def quantize_model(model: nn.Module, quantize: Optional[str], group: int = DEFAULT_GROUP) -> None:
-    """Replaces every parallel linear layer's weight by its quantized product, layer by layer, so
-    only one layer is held twice at once. Layers that read the same input (a module's SAME_INPUT:
+    """Replaces every parallel linear layer's weight by its quantized product, layer by layer (or
+    joined group by joined group), so only one layer or group is held twice at once. Layers that read the same input (a module's SAME_INPUT:
     q, k and v; w1 and w3) get one product for all their rows, on the first of them (its `joint`;
     see layers.column_products). A tied output layer gets its own quantized copy; with int4, the
     output layer is int8 (see above)."""
