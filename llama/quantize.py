@@ -1,13 +1,20 @@
 """Weight-only quantization, chosen once in Llama.build (quantize="int8" or "int4"): every parallel
-linear layer swaps its float weight for a compact one and multiplies through one of PyTorch's own
-CPU kernels, with bf16 activations (they are 20-50x slower fed fp32):
+linear layer swaps its float weight for a compact one and multiplies through a CPU kernel:
 
-- int8: one scale per output row, symmetric (max |w| -> 127); torch._weight_int8pack_mm.
+- int8: one scale per output row, symmetric (max |w| -> 127).
 - int4: groups of `group` consecutive input features, asymmetric (w = scale * q + min, q in 0..15,
-  the same form as a GGUF Q4_1 block); torch._convert_weight_to_int4pack_for_cpu packs the codes
-  and torch._weight_int4pack_mm_for_cpu multiplies. The output layer is kept as int8, as llama.cpp's
-  4-bit files keep it at 6 or 8 bits: in int4 it alone raises SmolLM2's perplexity by 6% (+0.7%
-  with it in int8, for a fifth more bytes per step).
+  the same form as a GGUF Q4_1 block). The output layer is kept as int8, as llama.cpp's 4-bit files
+  keep it at 6 or 8 bits: in int4 it alone raises SmolLM2's perplexity by 6% (+0.7% with it in
+  int8, for a fifth more bytes per step).
+
+Two sets of kernels, chosen once (`kernels()`):
+- ours (llama/csrc/quantized_gemv.cpp, llama/cpu_kernels.py), on x86 CPUs with AVX-512 VNNI and a
+  C++ compiler: 2-4x faster than PyTorch's at the decode step's few rows. int8 multiplies fp32
+  activations exactly by the int8 weights; int4, as llama.cpp does, rounds each group of 32
+  activations to int8 with its own scale (SmolLM2's perplexity moves by under 1%, tested) and
+  keeps the scales and mins in fp16, as GGUF does.
+- PyTorch's own elsewhere (torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu), fed bf16
+  activations (they are 20-50x slower fed fp32), with scales and zeros in bf16.
 
 Each rank quantizes its own slice, so a row-parallel slice must hold whole groups; check_quantize
 refuses a rank count that cuts one. The embedding table stays as it is (a step reads one row).
@@ -18,6 +25,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from . import cpu_kernels
 from .args import ModelArgs
 from .layers import ColumnParallel, RowParallel
 
@@ -30,9 +38,19 @@ _KERNELS = {"int8": ["aten::_weight_int8pack_mm"],
             "int4": ["aten::_convert_weight_to_int4pack_for_cpu", "aten::_weight_int4pack_mm_for_cpu"]}
 
 
+def kernels() -> str:
+    """"ours" where our kernels build and run on this machine, else "pytorch"."""
+    return "ours" if cpu_kernels.load() is None else "pytorch"
+
+
 def describe(quantize: Optional[str], group: int) -> str:
-    """How the output names the mode: "int8" or "int4, group 32, output int8"."""
-    return quantize + (f", group {group}, output int8" if quantize == "int4" else "")
+    """How the output names the mode, e.g. "int4, group 32, output int8, our kernels (int8
+    activations)" or "int8, PyTorch's kernels (bf16 activations; ours: <why not>)"."""
+    mode = quantize + (f", group {group}, output int8" if quantize == "int4" else "")
+    reason = cpu_kernels.load()
+    if reason is None:
+        return mode + (", our kernels (int8 activations)" if quantize == "int4" else ", our kernels")
+    return mode + f", PyTorch's kernels (bf16 activations; ours: {reason})"
 
 
 def _row_parallel_in_features(args: ModelArgs) -> List[int]:
@@ -79,19 +97,46 @@ def int4_codes(weight: torch.Tensor, group: int) -> Tuple[torch.Tensor, torch.Te
     return codes.reshape(rows, cols), scales, low
 
 
+ROWS_PER_BLOCK = 16  # our kernels' layouts hold output rows in blocks of 16
+
+
+def _ours(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.shape[0] % ROWS_PER_BLOCK == 0 and kernels() == "ours"
+
+
+def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+
+
 class Int8Product(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        self.out_features = weight.shape[0]
+        rows, cols = weight.shape
+        self.out_features = rows
+        self.ours = _ours(weight)
         weight = weight.float()
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("weight", torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(torch.bfloat16))
+        codes = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        if self.ours:  # (rows / 16, cols, 16): 16 rows side by side, one input after another
+            codes = codes.reshape(rows // ROWS_PER_BLOCK, ROWS_PER_BLOCK, cols).transpose(1, 2).contiguous()
+        self.register_buffer("weight", codes)
+        self.register_buffer("scales", scales if self.ours else scales.to(torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(flat, self.weight, self.scales)
+        if self.ours:
+            y = torch.ops.llama_cpu.int8_gemv(_flat(x, torch.float32), self.weight, self.scales)
+        else:
+            y = torch._weight_int8pack_mm(_flat(x, torch.bfloat16), self.weight, self.scales)
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+    def codes(self) -> torch.Tensor:
+        """The (out, in) int8 codes; row i's weights are codes[i] * row_scales()[i]."""
+        if self.ours:
+            return self.weight.transpose(1, 2).reshape(self.out_features, -1)
+        return self.weight
+
+    def row_scales(self) -> torch.Tensor:
+        return self.scales.float()
 
 
 class Int4Product(nn.Module):
@@ -100,23 +145,64 @@ class Int4Product(nn.Module):
         self.group = group
         codes, scales, mins = int4_codes(weight, group)
         self.out_features = weight.shape[0]
-        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes, 1))
-        # The kernel reads w = (q - 8) * scale + zero, so zero is the value of the middle code.
-        zeros = mins + 8 * scales
-        self.register_buffer("scales_and_zeros", torch.stack([scales.t(), zeros.t()], dim=-1)
-                             .to(torch.bfloat16).contiguous())  # (in // group, out, 2)
+        # fp16 holds the scales and mins of real weights (GGUF stores them so); odd ones go the other way.
+        self.ours = _ours(weight) and bool(torch.isfinite(torch.cat([scales, mins]).half()).all())
+        if self.ours:
+            self.register_buffer("packed", _pack_int4(codes, scales, mins, group))
+        else:
+            self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes, 1))
+            # The kernel reads w = (q - 8) * scale + zero, so zero is the value of the middle code.
+            zeros = mins + 8 * scales
+            self.register_buffer("scales_and_zeros", torch.stack([scales.t(), zeros.t()], dim=-1)
+                                 .to(torch.bfloat16).contiguous())  # (in // group, out, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_and_zeros)
+        if self.ours:
+            y = torch.ops.llama_cpu.int4_gemv(_flat(x, torch.float32), self.packed)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(_flat(x, torch.bfloat16), self.packed, self.group,
+                                                  self.scales_and_zeros)
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:
-        """The (out, in) weights the kernel multiplies by, in fp32 (from the stored codes, read back
-        through the kernel itself with an identity input)."""
+        """The (out, in) weights the kernel multiplies by, in fp32."""
+        if self.ours:
+            return _unpack_int4(self.packed)
+        # PyTorch's packing is its own: read the weights back through its kernel with an identity input.
         in_features = self.packed.shape[1] * 2
         eye = torch.eye(in_features, dtype=torch.bfloat16)
         return torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_and_zeros).float().t()
+
+
+# Our int4 layout (llama/csrc/quantized_gemv.cpp): for each block of 16 rows and each 32 inputs,
+# 4 x 64 bytes of codes (vector s, row j, byte t: input 4s+t in the low nibble, 16+4s+t in the high
+# one), then the 16 rows' scales and their mins as fp16. A larger group repeats its scale and min.
+SUBGROUP = 32
+
+
+def _pack_int4(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int) -> torch.Tensor:
+    rows, cols = codes.shape
+    blocks, subgroups = rows // ROWS_PER_BLOCK, cols // SUBGROUP
+    nibbles = codes.to(torch.uint8).reshape(blocks, ROWS_PER_BLOCK, subgroups, 2, 4, 4)  # b j g half s t
+    code_bytes = (nibbles[:, :, :, 0] | (nibbles[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)  # b g s j t
+
+    def by_block(values: torch.Tensor) -> torch.Tensor:  # (rows, cols / group) -> (b, g, 32 bytes)
+        values = values.repeat_interleave(group // SUBGROUP, dim=1).half()
+        return values.reshape(blocks, ROWS_PER_BLOCK, subgroups).transpose(1, 2).contiguous().view(torch.uint8)
+
+    return torch.cat([code_bytes.reshape(blocks, subgroups, 256), by_block(scales), by_block(mins)], -1).contiguous()
+
+
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    blocks, subgroups, _ = packed.shape
+    code_bytes = packed[..., :256].reshape(blocks, subgroups, 4, ROWS_PER_BLOCK, 4).permute(0, 3, 1, 2, 4)  # b j g s t
+    codes = torch.stack([code_bytes & 15, code_bytes >> 4], dim=3).float()  # b j g half s t
+
+    def by_row(raw: torch.Tensor) -> torch.Tensor:  # (b, g, 32 bytes) -> (b, j, g, 1, 1, 1)
+        return raw.contiguous().view(torch.float16).float().transpose(1, 2)[..., None, None, None]
+
+    weights = codes * by_row(packed[..., 256:288]) + by_row(packed[..., 288:])
+    return weights.reshape(blocks * ROWS_PER_BLOCK, subgroups * SUBGROUP)
 
 
 def quantize_model(model: nn.Module, quantize: Optional[str], group: int = DEFAULT_GROUP) -> None:

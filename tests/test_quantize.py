@@ -69,7 +69,7 @@ def test_int8_weights_are_within_half_a_step_of_fp32(tiny):
     for name, (product, rows) in quantized.items():
         weight = originals[name].weight
         assert isinstance(product, Int8Product), name
-        codes, scales = product.weight[rows], product.scales[rows]
+        codes, scales = product.codes()[rows], product.row_scales()[rows]
         assert codes.dtype == torch.int8 and codes.shape == weight.shape, name
         # One scale per output row, spanning that row's largest magnitude with 127 steps (kept in bf16).
         step = weight.abs().amax(dim=1) / 127

@@ -1,0 +1,95 @@
+"""Our own CPU kernels for the quantized decode products (llama/csrc/quantized_gemv.cpp), built
+once per machine with the system's C++ compiler and kept in ~/.cache/llama-runner/kernels.
+
+They are used only where they can run: an x86 CPU with AVX-512 VNNI, a C++ compiler, and PyTorch's
+headers (every PyTorch wheel ships them). Elsewhere `load()` returns the reason, and
+llama/quantize.py multiplies through PyTorch's own kernels instead. Nothing here is downloaded.
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.utils import cpp_extension
+
+SOURCE = Path(__file__).parent / "csrc" / "quantized_gemv.cpp"
+NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
+CFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+          "-mf16c", "-mfma", "-fopenmp"]
+
+
+def _cpu_flags() -> set:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "llama-runner" / "kernels"
+
+
+def _compile_command(compiler: str, output: Path) -> list:
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
+    libraries = [f"-L{path}" for path in cpp_extension.library_paths()]
+    return [compiler, *CFLAGS, abi, *includes, str(SOURCE), *libraries, "-lc10", "-ltorch_cpu",
+            f"-Wl,-rpath,{cpp_extension.library_paths()[0]}", "-o", str(output)]
+
+
+@lru_cache(maxsize=None)
+def load() -> Optional[str]:
+    """Builds (first time on this machine) and loads the kernels as torch.ops.llama_cpu.*; returns
+    None when they are ready, or why they cannot be used here."""
+    if os.environ.get("LLAMA_CPU_KERNELS", "1") == "0":
+        return "LLAMA_CPU_KERNELS=0"
+    missing = [flag for flag in NEEDED_CPU_FLAGS if flag not in _cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        return "no C++ compiler found (install g++ or set CXX)"
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([torch.__version__, compiler, *CFLAGS]).encode()).hexdigest()[:16]
+    library = _cache_dir() / f"quantized_gemv-{key}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        # Each rank may build at once: each writes its own file and renames it into place.
+        with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+            built = Path(scratch) / library.name
+            result = subprocess.run(_compile_command(compiler, built), capture_output=True, text=True)
+            if result.returncode != 0:
+                return f"building {SOURCE.name} failed: {result.stderr.strip()[-500:]}"
+            os.replace(built, library)
+    torch.ops.load_library(str(library))
+    _register_fake_kernels()
+    return None
+
+
+def _register_fake_kernels() -> None:
+    """Output shapes for torch.compile, which traces these ops without running them."""
+    @torch.library.register_fake("llama_cpu::int4_gemv")
+    def _(x, packed):
+        return x.new_empty(x.shape[0], packed.shape[0] * 16)
+
+    @torch.library.register_fake("llama_cpu::int8_gemv")
+    def _(x, weight, scales):
+        return x.new_empty(x.shape[0], weight.shape[0] * 16)
+
+
+if __name__ == "__main__":
+    reason = load()
+    print("llama_cpu kernels ready" if reason is None else f"llama_cpu kernels not used: {reason}")
+    sys.exit(0 if reason is None else 1)

@@ -1,0 +1,154 @@
+// Products of a few activation rows with int4 or int8 weights on x86 CPUs with AVX-512 VNNI: the
+// decode step's matrix-vector products, which PyTorch's own weight-only kernels run at under half
+// the memory bandwidth on small models (BENCHMARKS.md). Layouts are made by llama/cpu_kernels.py.
+//
+// Both layouts put 16 output rows side by side, one per 32-bit lane of a 512-bit register, so one
+// instruction advances 16 rows at once and an activation value is broadcast, not reduced.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kRows = 16;         // output rows per block
+constexpr int64_t kGroup = 32;        // int4: inputs per group
+constexpr int64_t kInt4Block = 320;   // int4: bytes per (16 rows, 32 inputs): codes, scales, mins
+
+// Quantizes each group of 32 activations to int8 with its own scale (max |a| / 127), as llama.cpp
+// does for its 4-bit dot products. The min term takes the sum of the rounded activations, not of
+// the exact ones: then the rounding errors meet the whole weight (scale * code + min, centred near
+// zero) rather than the codes 0..15 alone, and mostly cancel (llama.cpp's Q8_1 does the same).
+void quantize_groups(const float* a, int64_t k, int8_t* q, float* scale, float* sum) {
+  for (int64_t g = 0; g < k / kGroup; ++g) {
+    const float* x = a + g * kGroup;
+    float amax = 0.f;
+    for (int64_t i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float s = amax / 127.f;
+    const float inv = s > 0.f ? 1.f / s : 0.f;
+    int32_t total = 0;
+    for (int64_t i = 0; i < kGroup; ++i) {
+      const int8_t v = static_cast<int8_t>(std::nearbyint(x[i] * inv));
+      q[g * kGroup + i] = v;
+      total += v;
+    }
+    scale[g] = s;
+    sum[g] = s * static_cast<float>(total);
+  }
+}
+
+// y (m, n) = x (m, k) times int4 weights. Block (b, g) holds rows 16b..16b+15, inputs 32g..32g+31:
+// 4 x 64 bytes of codes (vector s, lane j, byte t: low nibble = input 32g+4s+t, high nibble = input
+// 32g+16+4s+t of row 16b+j), then 16 fp16 scales and 16 fp16 mins; w = code * scale + min.
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float (m, k)");
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == kInt4Block,
+              "packed: uint8 (n / 16, k / 32, 320)");
+  const int64_t m = x.size(0), k = x.size(1), blocks = packed.size(0), groups = packed.size(1);
+  TORCH_CHECK(groups * kGroup == k, "x has ", k, " inputs, the weights ", groups * kGroup);
+  auto y = at::empty({m, blocks * kRows}, x.options());
+  std::vector<int8_t> q(m * k);
+  std::vector<float> scale(m * groups), sum(m * groups);
+  for (int64_t r = 0; r < m; ++r)
+    quantize_groups(x.data_ptr<float>() + r * k, k, q.data() + r * k, scale.data() + r * groups, sum.data() + r * groups);
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  float* out = y.data_ptr<float>();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t r = 0; r < m; ++r) {
+        const int32_t* a = reinterpret_cast<const int32_t*>(q.data() + r * k);
+        const float* s = scale.data() + r * groups;
+        const float* t = sum.data() + r * groups;
+        const uint8_t* p = w + b * groups * kInt4Block;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t g = 0; g < groups; ++g, p += kInt4Block, a += 8) {
+          __m512i lo_dot = _mm512_setzero_si512(), hi_dot = _mm512_setzero_si512();
+          for (int step = 0; step < 4; ++step) {
+            const __m512i v = _mm512_loadu_si512(p + 64 * step);
+            lo_dot = _mm512_dpbusd_epi32(lo_dot, _mm512_and_si512(v, low), _mm512_set1_epi32(a[step]));
+            hi_dot = _mm512_dpbusd_epi32(hi_dot, _mm512_and_si512(_mm512_srli_epi16(v, 4), low),
+                                         _mm512_set1_epi32(a[step + 4]));
+          }
+          const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_dot, hi_dot));
+          const __m512 scales = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 256)));
+          const __m512 mins = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 288)));
+          acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(scales, _mm512_set1_ps(s[g])), acc);
+          acc = _mm512_fmadd_ps(mins, _mm512_set1_ps(t[g]), acc);
+        }
+        _mm512_storeu_ps(out + r * blocks * kRows + b * kRows, acc);
+      }
+    }
+  });
+  return y;
+}
+
+// Rows r..r+R-1 of y for the int8 block at p: each weight vector is widened to fp32 once and used
+// for R activation rows; with one row, four accumulators hide the multiply-add latency instead.
+template <int R>
+void int8_block(const int8_t* p, const float* x, int64_t k, int64_t r, const float* scales, float* y, int64_t n) {
+  constexpr int kUnroll = R == 1 ? 4 : (R == 2 ? 2 : 1);
+  __m512 acc[R][kUnroll];
+  for (int j = 0; j < R; ++j)
+    for (int u = 0; u < kUnroll; ++u) acc[j][u] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += kUnroll, p += kUnroll * kRows) {
+    for (int u = 0; u < kUnroll; ++u) {
+      const __m512 w = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + u * kRows))));
+      for (int j = 0; j < R; ++j) acc[j][u] = _mm512_fmadd_ps(w, _mm512_set1_ps(x[(r + j) * k + i + u]), acc[j][u]);
+    }
+  }
+  const __m512 scale = _mm512_loadu_ps(scales);
+  for (int j = 0; j < R; ++j) {
+    __m512 total = acc[j][0];
+    for (int u = 1; u < kUnroll; ++u) total = _mm512_add_ps(total, acc[j][u]);
+    _mm512_storeu_ps(y + (r + j) * n, _mm512_mul_ps(total, scale));
+  }
+}
+
+// y (m, n) = x (m, k) times int8 weights (n / 16, k, 16) with one fp32 scale per row, in fp32:
+// the same values as dequantizing the weights, without quantizing the activations.
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float (m, k)");
+  TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == at::kChar && weight.size(2) == kRows,
+              "weight: int8 (n / 16, k, 16)");
+  const int64_t m = x.size(0), k = x.size(1), blocks = weight.size(0), n = blocks * kRows;
+  TORCH_CHECK(weight.size(1) == k && k % 4 == 0, "x has ", k, " inputs, the weights ", weight.size(1));
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == n, "scales: float (n)");
+  auto y = at::empty({m, n}, x.options());
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const float* xs = x.data_ptr<float>();
+  const float* sc = scales.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int8_t* p = w + b * k * kRows;
+      float* yb = out + b * kRows;
+      int64_t r = 0;
+      for (; r + 4 <= m; r += 4) int8_block<4>(p, xs, k, r, sc + b * kRows, yb, n);
+      switch (m - r) {
+        case 3: int8_block<3>(p, xs, k, r, sc + b * kRows, yb, n); break;
+        case 2: int8_block<2>(p, xs, k, r, sc + b * kRows, yb, n); break;
+        case 1: int8_block<1>(p, xs, k, r, sc + b * kRows, yb, n); break;
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llama_cpu, lib) {
+  lib.def("int4_gemv(Tensor x, Tensor packed) -> Tensor");
+  lib.def("int8_gemv(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llama_cpu, CPU, lib) {
+  lib.impl("int4_gemv", &int4_gemv);
+  lib.impl("int8_gemv", &int8_gemv);
+}
