@@ -21,7 +21,7 @@ reads memory, a one-row product over 1 GiB of fp32 weights at its fastest settin
 before and after every configuration (it moves within minutes on a shared machine): each row is
 compared with the mean of the two next to it. A large copy's bandwidth is kept for reference.
 --startup CONFIG measures process start to the first decoded token twice, with PyTorch's compile
-caches empty (cold) and then filled by the first run (warm).
+caches and our kernel cache empty (cold: a new machine) and then filled by the first run (warm).
 """
 
 import argparse
@@ -316,7 +316,10 @@ def bench_startup_child(args, config: str) -> None:
 
 
 def measure_startup(config: str, argv: List[str], cache_dir: Path) -> float:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}
+    # Both of the runner's on-disk caches live under cache_dir: PyTorch's compiled code and our
+    # quantized kernels (built under $XDG_CACHE_HOME/llama-runner/kernels on first use).
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "torchinductor"),
+           "XDG_CACHE_HOME": str(cache_dir / "xdg")}
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--child", f"startup:{config}", *argv], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -104,11 +104,12 @@ class Llama:
         compiles once, on its first step (about 45 s for a 135M model on a 2-core CPU), then
         decodes faster (3.4x there at batch 1). Greedy outputs are unchanged (logprobs may differ
         in the last digits: sums run in another order).
-        quantize: weight-only quantization of every linear layer (not the embedding), on CPU, with
-        bf16 activations (llama/quantize.py): "int8" (one scale per output row, a quarter of fp32's
-        bytes) or "int4" (an asymmetric scale and zero per group of quant_group input features, as
-        in GGUF's Q4_1; about an eighth; the output layer stays int8). Opt-in: results move slightly
-        (SmolLM2's perplexity: +0.6% for int8, +0.4% for int4); the "Loaded" line names the mode.
+        quantize: weight-only quantization of every linear layer (not the embedding), on CPU
+        (llama/quantize.py): "int8" (one scale per output row, a quarter of fp32's bytes) or "int4"
+        (an asymmetric scale and min per group of quant_group input features, as in GGUF's Q4_1;
+        about an eighth; the output layer stays int8; our kernels round activations to int8 by
+        groups of 32 for the dot products, as llama.cpp does). Opt-in: results move slightly (SmolLM2's
+        perplexity: +0.3% for int8, +0.5% for int4); the "Loaded" line names the mode and kernels.
         quant_group: int4's group size, 32 (default), 64, 128 or 256; each rank's slice of a layer
         must hold whole groups.
         prefill: "together" (default) prefills every prompt of a batch in one pass; "reference"
