@@ -1,5 +1,6 @@
-"""Our own CPU kernels for the quantized decode products (llama/csrc/quantized_gemv.cpp), built
-once per machine with the system's C++ compiler and kept in ~/.cache/llama-runner/kernels.
+"""Our own CPU kernels for the decode step (llama/csrc/: the quantized products and one-position
+attention), built once per machine with the system's C++ compiler and kept in
+~/.cache/llama-runner/kernels.
 
 They are used only where they can run: an x86 CPU with AVX-512 VNNI, a C++ compiler, and PyTorch's
 headers (every PyTorch wheel ships them). Elsewhere `load()` returns the reason, and
@@ -19,10 +20,12 @@ from typing import Optional
 import torch
 from torch.utils import cpp_extension
 
-SOURCE = Path(__file__).parent / "csrc" / "quantized_gemv.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("quantized_gemv.cpp", "decode_attention.cpp")]
 NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
+# -ffast-math lets the compiler vectorise the attention's sums and exponentials (about 2x there);
+# the kernels never rely on infinities or NaNs.
 CFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
-          "-mf16c", "-mfma", "-fopenmp"]
+          "-mf16c", "-mfma", "-fopenmp", "-ffast-math"]
 
 
 def _cpu_flags() -> set:
@@ -45,7 +48,7 @@ def _compile_command(compiler: str, output: Path) -> list:
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     libraries = [f"-L{path}" for path in cpp_extension.library_paths()]
-    return [compiler, *CFLAGS, abi, *includes, str(SOURCE), *libraries, "-lc10", "-ltorch_cpu",
+    return [compiler, *CFLAGS, abi, *includes, *map(str, SOURCES), *libraries, "-lc10", "-ltorch_cpu",
             f"-Wl,-rpath,{cpp_extension.library_paths()[0]}", "-o", str(output)]
 
 
@@ -61,9 +64,9 @@ def load() -> Optional[str]:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         return "no C++ compiler found (install g++ or set CXX)"
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([torch.__version__, compiler, *CFLAGS]).encode()).hexdigest()[:16]
-    library = _cache_dir() / f"quantized_gemv-{key}.so"
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + " ".join([torch.__version__, compiler, *CFLAGS]).encode()).hexdigest()[:16]
+    library = _cache_dir() / f"llama_cpu-{key}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
         # Each rank may build at once: each writes its own file and renames it into place.
@@ -71,7 +74,7 @@ def load() -> Optional[str]:
             built = Path(scratch) / library.name
             result = subprocess.run(_compile_command(compiler, built), capture_output=True, text=True)
             if result.returncode != 0:
-                return f"building {SOURCE.name} failed: {result.stderr.strip()[-500:]}"
+                return f"building our kernels failed: {result.stderr.strip()[-500:]}"
             os.replace(built, library)
     torch.ops.load_library(str(library))
     _register_fake_kernels()
@@ -87,6 +90,10 @@ def _register_fake_kernels() -> None:
     @torch.library.register_fake("llama_cpu::int8_gemv")
     def _(x, weight, scales):
         return x.new_empty(x.shape[0], weight.shape[0] * 16)
+
+    @torch.library.register_fake("llama_cpu::decode_attention")
+    def _(q, keys, values, mask):
+        return q.new_empty(q.shape)
 
 
 if __name__ == "__main__":

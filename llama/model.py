@@ -16,6 +16,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import cpu_kernels
 from .args import LLAMA31_ROPE_FACTOR, ModelArgs
 from .compiling import use_persistent_compile_cache
 from .layers import ColumnParallel, DimParallel, RowParallel, VocabParallel, column_products
@@ -110,6 +111,9 @@ class Attention(nn.Module):
         # Copy each KV head for its query heads before attention, as Meta's code does. Slower; kept
         # only so that the benchmark can measure grouped-query attention without the copies.
         self.repeat_kv = False
+        # One new position per sequence through our CPU kernel (llama/csrc/decode_attention.cpp)
+        # instead of PyTorch's general one; set by compile_decode where the kernel runs.
+        self.decode_kernel = False
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> None:
         # (batch, kv_heads, position, head_dim): the layout scaled_dot_product_attention reads directly.
@@ -139,8 +143,11 @@ class Attention(nn.Module):
         groups = self.n_local_heads // self.n_local_kv_heads
         if self.repeat_kv and groups > 1:
             keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=keys.shape[1] != self.n_local_heads)
+        if seq == 1 and self.decode_kernel:
+            out = torch.ops.llama_cpu.decode_attention(q.transpose(1, 2), keys, values, mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=keys.shape[1] != self.n_local_heads)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -246,6 +253,11 @@ class Transformer(nn.Module):
         compiling the same model reuses it."""
         use_persistent_compile_cache()
         cuda = self.norm.weight.device.type == "cuda"
+        # On CPU, PyTorch's attention kernel spends ~25 us a call setting up for a step's tiny
+        # attention; ours takes about half (in fp32, where it can be built: llama/cpu_kernels.py).
+        if not cuda and self.norm.weight.dtype == torch.float32 and cpu_kernels.load() is None:
+            for layer in self.layers:
+                layer.attention.decode_kernel = True
         compiled = torch.compile(self._decode_step, mode="reduce-overhead" if cuda else None)
 
         def decode(*args):

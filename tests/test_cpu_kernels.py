@@ -109,6 +109,31 @@ def test_a_failed_build_is_reported_and_falls_back(without_our_kernels, monkeypa
     monkeypatch.setenv("CXX", "false")  # a compiler that always fails
     cpu_kernels.load.cache_clear()
     reason = cpu_kernels.load()
-    assert reason is not None and reason.startswith("building quantized_gemv.cpp failed")
+    assert reason is not None and reason.startswith("building our kernels failed")
     assert not Int8Product(torch.randn(32, 64)).ours
     assert not list((tmp_path / "llama-runner" / "kernels").glob("*.so"))
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,dim,length", [(1, 9, 3, 64, 150), (3, 8, 2, 128, 77), (2, 4, 4, 64, 5),
+                                                             (1, 4, 1, 64, 1)])
+def test_decode_attention_equals_pytorchs(batch, heads, kv_heads, dim, length):
+    """One new position per sequence, each at its own place in a larger cache (strided views)."""
+    torch.manual_seed(length)
+    q = torch.randn(batch, 1, heads, dim).transpose(1, 2)
+    cache_k, cache_v = torch.randn(4, kv_heads, 256, dim), torch.randn(4, kv_heads, 256, dim)
+    keys, values = cache_k[:batch, :, :length], cache_v[:batch, :, :length]
+    positions = torch.randint(0, length, (batch,))
+    positions[0] = length - 1
+    mask = (torch.arange(length) <= positions[:, None]).view(batch, 1, 1, length)
+    want = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                            enable_gqa=heads != kv_heads)
+    torch.testing.assert_close(torch.ops.llama_cpu.decode_attention(q, keys, values, mask), want,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_fp32_cpu_model_attends_with_our_kernel(llama31_ckpts):
+    from llama import Llama
+
+    generator = Llama.build(str(llama31_ckpts[1]), str(llama31_ckpts[1] / "tokenizer.model"), max_seq_len=32,
+                            max_batch_size=1, device="cpu", dtype="fp32", compile=True)
+    assert all(layer.attention.decode_kernel for layer in generator.model.layers)
