@@ -47,8 +47,8 @@ void quantize_groups(const float* a, int64_t k, int8_t* q, float* scale, float* 
 // 32g+16+4s+t of row 16b+j), then 16 fp16 scales and 16 fp16 mins; w = code * scale + min.
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float (m, k)");
-  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == kInt4Block,
-              "packed: uint8 (n / 16, k / 32, 320)");
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == kInt4Block &&
+              packed.is_contiguous(), "packed: contiguous uint8 (n / 16, k / 32, 320)");
   const int64_t m = x.size(0), k = x.size(1), blocks = packed.size(0), groups = packed.size(1);
   TORCH_CHECK(groups * kGroup == k, "x has ", k, " inputs, the weights ", groups * kGroup);
   auto y = at::empty({m, blocks * kRows}, x.options());
@@ -115,11 +115,12 @@ void int8_block(const int8_t* p, const float* x, int64_t k, int64_t r, const flo
 // the same values as dequantizing the weights, without quantizing the activations.
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float (m, k)");
-  TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == at::kChar && weight.size(2) == kRows,
-              "weight: int8 (n / 16, k, 16)");
+  TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == at::kChar && weight.size(2) == kRows &&
+              weight.is_contiguous(), "weight: contiguous int8 (n / 16, k, 16)");
   const int64_t m = x.size(0), k = x.size(1), blocks = weight.size(0), n = blocks * kRows;
   TORCH_CHECK(weight.size(1) == k && k % 4 == 0, "x has ", k, " inputs, the weights ", weight.size(1));
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == n, "scales: float (n)");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == n && scales.is_contiguous(),
+              "scales: contiguous float (n)");
   auto y = at::empty({m, n}, x.options());
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* xs = x.data_ptr<float>();
