@@ -24,7 +24,7 @@ SOURCES = [Path(__file__).parent / "csrc" / name for name in ("quantized_gemv.cp
 NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
 # -ffast-math lets the compiler vectorise the attention's sums and exponentials (about 2x there);
 # the kernels never rely on infinities or NaNs.
-CFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+CFLAGS = ["-O3", "-std=c++17", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
           "-mf16c", "-mfma", "-fopenmp", "-ffast-math"]
 
 
@@ -44,12 +44,23 @@ def _cache_dir() -> Path:
     return base / "llama-runner" / "kernels"
 
 
-def _compile_command(compiler: str, output: Path) -> list:
+def _build(compiler: str, output: Path) -> Optional[str]:
+    """Compiles the sources side by side (one process each), then links them into `output`.
+    Returns the compiler's complaint on failure."""
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
-    libraries = [f"-L{path}" for path in cpp_extension.library_paths()]
-    return [compiler, *CFLAGS, abi, *includes, *map(str, SOURCES), *libraries, "-lc10", "-ltorch_cpu",
-            f"-Wl,-rpath,{cpp_extension.library_paths()[0]}", "-o", str(output)]
+    objects = [output.with_name(source.stem + ".o") for source in SOURCES]
+    compiling = [subprocess.Popen([compiler, *CFLAGS, abi, *includes, "-c", str(source), "-o", str(obj)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for source, obj in zip(SOURCES, objects)]
+    complaints = [proc.communicate()[1] for proc in compiling]
+    if any(proc.returncode for proc in compiling):
+        return "".join(complaints)
+    libraries = cpp_extension.library_paths()
+    link = [compiler, "-shared", "-fopenmp", *map(str, objects), *[f"-L{path}" for path in libraries],
+            "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{libraries[0]}", "-o", str(output)]
+    result = subprocess.run(link, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return result.stderr if result.returncode else None
 
 
 @lru_cache(maxsize=None)
@@ -72,9 +83,12 @@ def load() -> Optional[str]:
         # Each rank may build at once: each writes its own file and renames it into place.
         with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
             built = Path(scratch) / library.name
-            result = subprocess.run(_compile_command(compiler, built), capture_output=True, text=True)
-            if result.returncode != 0:
-                return f"building our kernels failed: {result.stderr.strip()[-500:]}"
+            try:
+                complaint = _build(compiler, built)
+            except OSError as error:  # e.g. $CXX names no program
+                complaint = str(error)
+            if complaint is not None:
+                return f"building our kernels failed: {complaint.strip()[-500:]}"
             os.replace(built, library)
     torch.ops.load_library(str(library))
     _register_fake_kernels()

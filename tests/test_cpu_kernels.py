@@ -103,10 +103,11 @@ def test_turned_off_pytorchs_kernels_give_close_products(without_our_kernels):
         assert relative_error(product(x), x @ weight.t()) < bound
 
 
-def test_a_failed_build_is_reported_and_falls_back(without_our_kernels, monkeypatch, tmp_path):
+@pytest.mark.parametrize("compiler", ["false", "/nonexistent/c++"])  # always fails; is not there
+def test_a_failed_build_is_reported_and_falls_back(without_our_kernels, monkeypatch, tmp_path, compiler):
     monkeypatch.setenv("LLAMA_CPU_KERNELS", "1")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("CXX", "false")  # a compiler that always fails
+    monkeypatch.setenv("CXX", compiler)
     cpu_kernels.load.cache_clear()
     reason = cpu_kernels.load()
     assert reason is not None and reason.startswith("building our kernels failed")

@@ -3,7 +3,8 @@
 // spends most of its ~25 us a call setting up blocks. Grouped-query heads read their shared KV
 // head in place; masked keys are skipped.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

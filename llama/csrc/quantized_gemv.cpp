@@ -5,7 +5,8 @@
 // Both layouts put 16 output rows side by side, one per 32-bit lane of a 512-bit register, so one
 // instruction advances 16 rows at once and an activation value is broadcast, not reduced.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
