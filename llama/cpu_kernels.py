@@ -3,8 +3,9 @@ attention), built once per machine with the system's C++ compiler and kept in
 ~/.cache/llama-runner/kernels.
 
 They are used only where they can run: an x86 CPU with AVX-512 VNNI, a C++ compiler, and PyTorch's
-headers (every PyTorch wheel ships them). Elsewhere `load()` returns the reason, and
-llama/quantize.py multiplies through PyTorch's own kernels instead. Nothing here is downloaded.
+headers (every PyTorch wheel ships them). Elsewhere `load()` returns the reason, and the model
+runs on PyTorch's own kernels instead (llama/quantize.py, Attention in llama/model.py). Nothing
+here is downloaded.
 """
 
 import hashlib
@@ -44,6 +45,13 @@ def _cache_dir() -> Path:
     return base / "llama-runner" / "kernels"
 
 
+def library_path(compiler: str) -> Path:
+    """Where the built kernels are kept: a new name for new sources, PyTorch, compiler or flags."""
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + " ".join([torch.__version__, compiler, *CFLAGS]).encode()).hexdigest()[:16]
+    return _cache_dir() / f"llama_cpu-{key}.so"
+
+
 def _build(compiler: str, output: Path) -> Optional[str]:
     """Compiles the sources side by side (one process each), then links them into `output`.
     Returns the compiler's complaint on failure."""
@@ -75,9 +83,7 @@ def load() -> Optional[str]:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         return "no C++ compiler found (install g++ or set CXX)"
-    sources = b"".join(source.read_bytes() for source in SOURCES)
-    key = hashlib.sha256(sources + " ".join([torch.__version__, compiler, *CFLAGS]).encode()).hexdigest()[:16]
-    library = _cache_dir() / f"llama_cpu-{key}.so"
+    library = library_path(compiler)
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
         # Each rank may build at once: each writes its own file and renames it into place.
@@ -90,7 +96,10 @@ def load() -> Optional[str]:
             if complaint is not None:
                 return f"building our kernels failed: {complaint.strip()[-500:]}"
             os.replace(built, library)
-    torch.ops.load_library(str(library))
+    try:
+        torch.ops.load_library(str(library))
+    except OSError as error:  # a damaged file in the cache, say: deleting it rebuilds it
+        return f"loading {library} failed: {error}"
     _register_fake_kernels()
     return None
 

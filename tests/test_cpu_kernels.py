@@ -138,3 +138,16 @@ def test_a_compiled_fp32_cpu_model_attends_with_our_kernel(llama31_ckpts):
     generator = Llama.build(str(llama31_ckpts[1]), str(llama31_ckpts[1] / "tokenizer.model"), max_seq_len=32,
                             max_batch_size=1, device="cpu", dtype="fp32", compile=True)
     assert all(layer.attention.decode_kernel for layer in generator.model.layers)
+
+
+def test_a_damaged_library_in_the_cache_is_reported_and_falls_back(without_our_kernels, monkeypatch, tmp_path):
+    monkeypatch.setenv("LLAMA_CPU_KERNELS", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "c++")
+    library = cpu_kernels.library_path("c++")
+    library.parent.mkdir(parents=True)
+    library.write_bytes(b"not a shared library")
+    cpu_kernels.load.cache_clear()
+    reason = cpu_kernels.load()
+    assert reason is not None and reason.startswith(f"loading {library} failed")
+    assert not Int4Product(torch.randn(32, 64), 32).ours
