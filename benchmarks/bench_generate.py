@@ -317,7 +317,7 @@ def bench_startup_child(args, config: str) -> None:
 
 def measure_startup(config: str, argv: List[str], cache_dir: Path) -> float:
     # Both of the runner's on-disk caches live under cache_dir: PyTorch's compiled code and our
-    # quantized kernels (built under $XDG_CACHE_HOME/llama-runner/kernels on first use).
+    # CPU kernels (built under $XDG_CACHE_HOME/llama-runner/kernels on first use).
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "torchinductor"),
            "XDG_CACHE_HOME": str(cache_dir / "xdg")}
     start = time.perf_counter()

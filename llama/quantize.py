@@ -7,7 +7,7 @@ linear layer swaps its float weight for a compact one and multiplies through a C
   keep it at 6 or 8 bits: in int4 it alone raises SmolLM2's perplexity by 6% (+0.7% with it in
   int8, for a fifth more bytes per step).
 
-Two sets of kernels, chosen once (`kernels()`):
+Two sets of kernels, chosen once per layer when it is quantized:
 - ours (llama/csrc/quantized_gemv.cpp, llama/cpu_kernels.py), on x86 CPUs with AVX-512 VNNI and a
   C++ compiler: 2-4x faster than PyTorch's at the decode step's few rows. int8 multiplies fp32
   activations exactly by the int8 weights; int4, as llama.cpp does, rounds each group of 32
@@ -36,11 +36,6 @@ DEFAULT_GROUP = 32
 GROUP_CHOICES = (32, 64, 128, 256)  # what the int4 kernel accepts
 _KERNELS = {"int8": ["aten::_weight_int8pack_mm"],
             "int4": ["aten::_convert_weight_to_int4pack_for_cpu", "aten::_weight_int4pack_mm_for_cpu"]}
-
-
-def kernels() -> str:
-    """"ours" where our kernels build and run on this machine, else "pytorch"."""
-    return "ours" if cpu_kernels.load() is None else "pytorch"
 
 
 def describe(quantize: Optional[str], group: int) -> str:
@@ -101,7 +96,7 @@ ROWS_PER_BLOCK = 16  # our kernels' layouts hold output rows in blocks of 16
 
 
 def _ours(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.shape[0] % ROWS_PER_BLOCK == 0 and kernels() == "ours"
+    return weight.device.type == "cpu" and weight.shape[0] % ROWS_PER_BLOCK == 0 and cpu_kernels.load() is None
 
 
 def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

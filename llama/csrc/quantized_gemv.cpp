@@ -1,6 +1,6 @@
 // Products of a few activation rows with int4 or int8 weights on x86 CPUs with AVX-512 VNNI: the
 // decode step's matrix-vector products, which PyTorch's own weight-only kernels run at under half
-// the memory bandwidth on small models (BENCHMARKS.md). Layouts are made by llama/cpu_kernels.py.
+// the memory bandwidth on small models (BENCHMARKS.md). Layouts are made by llama/quantize.py.
 //
 // Both layouts put 16 output rows side by side, one per 32-bit lane of a 512-bit register, so one
 // instruction advances 16 rows at once and an activation value is broadcast, not reduced.
