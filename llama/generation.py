@@ -16,6 +16,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
+from . import bf16, cpu_kernels
 from .args import load_params, rope_scaling_factor
 # Llama 2's and Llama 3's generation.py define these, and callers import them from there.
 from .chat_format import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR,  # noqa: F401
@@ -159,6 +160,8 @@ class Llama:
         model.load_state_dict(weights, strict=True, assign=True)
         del weights
         quantize_model(model, quantize, quant_group)
+        if quantize is None and bf16.usable(device, dtype):
+            bf16.use_bf16_products(model)
         model.setup_caches(max_batch_size, max_seq_len)
         model.eval()
         if compile:
@@ -166,6 +169,7 @@ class Llama:
         fault_point("build")
         wait_for_all_ranks()  # loading can take much longer on some ranks than the collective timeout
         mode = [describe(quantize, quant_group) if quantize else str(dtype).replace("torch.", "")]
+        mode += [cpu_kernels.describe()] if quantize is None and bf16.usable(device, dtype) else []
         mode += ["compiled decode step"] if compile else []
         print(f"Loaded in {time.time() - start:.2f} seconds ({', '.join(mode)})")
         return Llama(model, tokenizer, prefill=prefill)

@@ -8,7 +8,7 @@
 - talks to the other ranks with plain collectives, which torch.compile can trace.
 """
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -86,6 +86,24 @@ def column_products(x: torch.Tensor, *layers: ColumnParallel):
     if joint is None:
         return [layer(x) for layer in layers]
     return joint(x).split([layer.output_size_per_partition for layer in layers], dim=-1)
+
+
+def replace_products(model: nn.Module, make: Callable[[torch.Tensor, bool], nn.Module]) -> None:
+    """Gives every parallel linear layer the product `make(weight, is_output_layer)` in place of its
+    float weight, layer by layer (or joined group by joined group), so only one layer or group is
+    held twice at once. Layers that read the same input (a module's SAME_INPUT: q, k and v; w1 and
+    w3) get one product for all their rows, on the first of them (its `joint`; see
+    column_products)."""
+    for module in list(model.modules()):
+        layers = [getattr(module, name) for name in getattr(module, "SAME_INPUT", ())]
+        if layers:
+            layers[0].joint = make(torch.cat([layer.weight.detach() for layer in layers]), False)
+            for layer in layers:
+                layer.weight = None
+    for layer in model.modules():
+        if isinstance(layer, (ColumnParallel, RowParallel)) and layer.weight is not None:
+            layer.product = make(layer.weight.detach(), layer is getattr(model, "output", None))
+            layer.weight = None
 
 
 class RowParallel(_Quantizable, RowParallelLinear):

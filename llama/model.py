@@ -113,7 +113,7 @@ class Attention(nn.Module):
         self.repeat_kv = False
         # One new position per sequence through our CPU kernel (llama/csrc/decode_attention.cpp)
         # instead of PyTorch's general one; set by compile_decode where the kernel runs.
-        self.decode_kernel = False
+        self.decode_kernel = None
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> None:
         # (batch, kv_heads, position, head_dim): the layout scaled_dot_product_attention reads directly.
@@ -143,8 +143,8 @@ class Attention(nn.Module):
         groups = self.n_local_heads // self.n_local_kv_heads
         if self.repeat_kv and groups > 1:
             keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-        if seq == 1 and self.decode_kernel:
-            out = torch.ops.llama_cpu.decode_attention(q.transpose(1, 2), keys, values, mask)
+        if seq == 1 and self.decode_kernel is not None:
+            out = self.decode_kernel(q.transpose(1, 2), keys, values, mask)
         else:
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=keys.shape[1] != self.n_local_heads)
@@ -257,7 +257,7 @@ class Transformer(nn.Module):
         # attention; ours takes about half (in fp32, where it can be built: llama/cpu_kernels.py).
         if not cuda and self.norm.weight.dtype == torch.float32 and cpu_kernels.load() is None:
             for layer in self.layers:
-                layer.attention.decode_kernel = True
+                layer.attention.decode_kernel = cpu_kernels.ops().decode_attention
         compiled = torch.compile(self._decode_step, mode="reduce-overhead" if cuda else None)
 
         def decode(*args):

@@ -8,8 +8,9 @@ linear layer swaps its float weight for a compact one and multiplies through a C
   int8, for a fifth more bytes per step).
 
 Two sets of kernels, chosen once per layer when it is quantized:
-- ours (llama/csrc/quantized_gemv.cpp, llama/cpu_kernels.py), on x86 CPUs with AVX-512 VNNI and a
-  C++ compiler: 2-4x faster than PyTorch's at the decode step's few rows. int8 multiplies fp32
+- ours (llama/csrc/quantized_gemv.cpp, llama/cpu_kernels.py), on x86 CPUs with AVX2 and a C++
+  compiler (AVX-VNNI or AVX-512 VNNI where present): 2-4x faster than PyTorch's at the decode
+  step's few rows. int8 multiplies fp32
   activations exactly by the int8 weights; int4, as llama.cpp does, rounds each group of 32
   activations to int8 with its own scale (SmolLM2's perplexity moves by under 1%, tested) and
   keeps the scales and mins in fp16, as GGUF does.
@@ -27,7 +28,7 @@ from torch import nn
 
 from . import cpu_kernels
 from .args import ModelArgs
-from .layers import ColumnParallel, RowParallel
+from .layers import replace_products
 
 QUANTIZE_CHOICES = (None, "int8", "int4")
 # Groups of 32 match GGUF's Q4_1 blocks and hold perplexity closest to fp32; on SmolLM2 and this CPU
@@ -39,13 +40,12 @@ _KERNELS = {"int8": ["aten::_weight_int8pack_mm"],
 
 
 def describe(quantize: Optional[str], group: int) -> str:
-    """How the output names the mode, e.g. "int4, group 32, output int8, our kernels (int8
-    activations)" or "int8, PyTorch's kernels (bf16 activations; ours: <why not>)"."""
+    """How the output names the mode, e.g. "int4, group 32, output int8, our kernels (avx2), int8
+    activations" or "int8, PyTorch's kernels (ours: <why not>), bf16 activations"."""
     mode = quantize + (f", group {group}, output int8" if quantize == "int4" else "")
-    reason = cpu_kernels.load()
-    if reason is None:
-        return mode + (", our kernels (int8 activations)" if quantize == "int4" else ", our kernels")
-    return mode + f", PyTorch's kernels (bf16 activations; ours: {reason})"
+    if cpu_kernels.load() is None:
+        return f"{mode}, {cpu_kernels.describe()}" + (", int8 activations" if quantize == "int4" else "")
+    return f"{mode}, {cpu_kernels.describe()}, bf16 activations"
 
 
 def _row_parallel_in_features(args: ModelArgs) -> List[int]:
@@ -116,10 +116,11 @@ class Int8Product(nn.Module):
             codes = codes.reshape(rows // ROWS_PER_BLOCK, ROWS_PER_BLOCK, cols).transpose(1, 2).contiguous()
         self.register_buffer("weight", codes)
         self.register_buffer("scales", scales if self.ours else scales.to(torch.bfloat16))
+        self.kernel = cpu_kernels.ops().int8_gemv if self.ours else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ours:
-            y = torch.ops.llama_cpu.int8_gemv(_flat(x, torch.float32), self.weight, self.scales)
+            y = self.kernel(_flat(x, torch.float32), self.weight, self.scales)
         else:
             y = torch._weight_int8pack_mm(_flat(x, torch.bfloat16), self.weight, self.scales)
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
@@ -142,6 +143,7 @@ class Int4Product(nn.Module):
         self.out_features = weight.shape[0]
         # fp16 holds the scales and mins of real weights (GGUF stores them so); odd ones go the other way.
         self.ours = _ours(weight) and bool(torch.isfinite(torch.cat([scales, mins]).half()).all())
+        self.kernel = cpu_kernels.ops().int4_gemv if self.ours else None
         if self.ours:
             self.register_buffer("packed", _pack_int4(codes, scales, mins, group))
         else:
@@ -153,7 +155,7 @@ class Int4Product(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ours:
-            y = torch.ops.llama_cpu.int4_gemv(_flat(x, torch.float32), self.packed)
+            y = self.kernel(_flat(x, torch.float32), self.packed)
         else:
             y = torch._weight_int4pack_mm_for_cpu(_flat(x, torch.bfloat16), self.packed, self.group,
                                                   self.scales_and_zeros)
@@ -201,25 +203,13 @@ def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_model(model: nn.Module, quantize: Optional[str], group: int = DEFAULT_GROUP) -> None:
-    """Replaces every parallel linear layer's weight by its quantized product, layer by layer (or
-    joined group by joined group), so only one layer or group is held twice at once. Layers that read the same input (a module's SAME_INPUT:
-    q, k and v; w1 and w3) get one product for all their rows, on the first of them (its `joint`;
-    see layers.column_products). A tied output layer gets its own quantized copy; with int4, the
-    output layer is int8 (see above)."""
+    """Replaces every parallel linear layer's weight by its quantized product (replace_products:
+    one layer or joined group at a time, q/k/v and w1/w3 joined). A tied output layer gets its own
+    quantized copy; with int4, the output layer is int8 (see above)."""
     if quantize is None:
         return
 
-    def product(weight: torch.Tensor, int8: bool) -> nn.Module:
-        return Int8Product(weight) if int8 else Int4Product(weight, group)
+    def product(weight: torch.Tensor, is_output: bool) -> nn.Module:
+        return Int8Product(weight) if quantize == "int8" or is_output else Int4Product(weight, group)
 
-    for module in list(model.modules()):
-        layers = [getattr(module, name) for name in getattr(module, "SAME_INPUT", ())]
-        if layers:
-            layers[0].joint = product(torch.cat([layer.weight.detach() for layer in layers]), quantize == "int8")
-            for layer in layers:
-                layer.weight = None
-    for layer in model.modules():
-        if isinstance(layer, (ColumnParallel, RowParallel)) and layer.weight is not None:
-            weight = layer.weight.detach()
-            layer.product = product(weight, quantize == "int8" or layer is model.output)
-            layer.weight = None
+    replace_products(model, product)

@@ -1,8 +1,10 @@
-"""Our CPU kernels (llama/csrc/quantized_gemv.cpp) against independent references: int8 against
-the dequantized weights in float64, int4 against what llama.cpp computes for a Q4_1 weight times a
-Q8_0-quantized activation (both formats made by the `gguf` package), and the fallback to
-PyTorch's kernels where ours cannot run."""
+"""Our CPU kernels (llama/csrc/) against independent references, in every variant this CPU can
+run (the others skip, naming the CPU flags they need): int8 and bf16 against the weights' exact
+products in float64, int4 against what llama.cpp computes for a Q4_1 weight times a Q8_0-quantized
+activation (both formats made by the `gguf` package), attention against PyTorch's
+scaled_dot_product_attention; and the fallback to PyTorch's kernels where ours cannot run."""
 
+import platform
 import shutil
 
 import numpy as np
@@ -11,13 +13,27 @@ import torch
 from gguf.quants import GGMLQuantizationType, dequantize, quantize
 
 from llama import cpu_kernels
+from llama.bf16 import Bf16Product
 from llama.quantize import Int4Product, Int8Product, describe, int4_codes
 
-CAN_RUN = (all(flag in cpu_kernels._cpu_flags() for flag in cpu_kernels.NEEDED_CPU_FLAGS)
-           and shutil.which("c++") is not None)
-pytestmark = pytest.mark.skipif(not CAN_RUN, reason="this CPU lacks AVX-512 VNNI or no C++ compiler is installed")
+X86 = platform.machine() in ("x86_64", "AMD64")
+BASELINE = cpu_kernels.VARIANTS[-1]  # avx2: what every other variant must agree with
+CAN_RUN = X86 and not cpu_kernels.missing_flags(BASELINE) and shutil.which("c++") is not None
+pytestmark = pytest.mark.skipif(not CAN_RUN, reason="our kernels need an x86 CPU with AVX2, FMA and F16C "
+                                                    "and a C++ compiler (c++); this machine lacks them")
 
 ROWS = [1, 2, 3, 4, 5, 9]  # every path of the kernels: one row, the 2- and 3-row tails, blocks of 4
+
+
+@pytest.fixture(params=cpu_kernels.VARIANTS, ids=lambda variant: variant.name)
+def kernels(request):
+    """The ops of one variant, built and loaded; skips where this CPU cannot run it."""
+    variant = request.param
+    missing = cpu_kernels.missing_flags(variant)
+    if missing:
+        pytest.skip(f"the {variant.name} variant needs CPU flags this CPU lacks: {', '.join(missing)}")
+    assert cpu_kernels.load_variant(variant) is None
+    return cpu_kernels.ops(variant)
 
 
 def gguf_round_trip(values: torch.Tensor, kind: GGMLQuantizationType) -> torch.Tensor:
@@ -29,25 +45,28 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).norm() / want.double().norm())
 
 
-def test_the_kernels_build_and_load_on_this_machine():
+def test_the_best_variant_this_cpu_runs_is_chosen_and_named():
     assert cpu_kernels.load() is None
-    assert "our kernels" in describe("int8", 32)
-    assert "our kernels (int8 activations)" in describe("int4", 32)
+    best = next(variant for variant in cpu_kernels.VARIANTS if not cpu_kernels.missing_flags(variant))
+    assert cpu_kernels.chosen() == best
+    assert describe("int8", 32) == f"int8, our kernels ({best.name})"
+    assert describe("int4", 32) == f"int4, group 32, output int8, our kernels ({best.name}), int8 activations"
 
 
 @pytest.mark.parametrize("rows", ROWS)
-def test_int8_product_equals_the_dequantized_weights(rows):
+def test_int8_product_equals_the_dequantized_weights(kernels, rows):
     torch.manual_seed(rows)
     weight = torch.randn(160, 576) * 0.05  # 10 blocks of 16 rows: both threads get some
     product = Int8Product(weight)
     assert product.ours
     dequantized = product.codes().double() * product.row_scales().double()[:, None]
     x = torch.randn(rows, 576)
-    assert relative_error(product(x), x.double() @ dequantized.t()) < 1e-6
+    got = kernels.int8_gemv(x, product.weight, product.scales)
+    assert relative_error(got, x.double() @ dequantized.t()) < 1e-6
 
 
 @pytest.mark.parametrize("rows", ROWS)
-def test_int4_product_is_q4_1_weights_times_q8_0_activations(rows):
+def test_int4_product_is_q4_1_weights_times_q8_0_activations(kernels, rows):
     """llama.cpp's 4-bit dot product: the activation is rounded to int8 by groups of 32, each with
     scale max|a| / 127 (Q8_0; llama.cpp stores that scale in fp16, we keep fp32)."""
     torch.manual_seed(rows)
@@ -57,7 +76,7 @@ def test_int4_product_is_q4_1_weights_times_q8_0_activations(rows):
     torch.testing.assert_close(product.dequantized(), weight, rtol=2.0 ** -10, atol=1e-7)  # fp16 of d and m
     x = torch.randn(rows, 576)
     want = gguf_round_trip(x, GGMLQuantizationType.Q8_0).double() @ weight.double().t()
-    got = product(x)
+    got = kernels.int4_gemv(x, product.packed)
     assert relative_error(got, want) < 1e-3  # llama.cpp keeps the activation scales in fp16
     assert relative_error(got, x.double() @ weight.double().t()) > 1e-3  # the activations were rounded
 
@@ -90,12 +109,13 @@ def without_our_kernels(monkeypatch):
     yield
     monkeypatch.undo()
     cpu_kernels.load.cache_clear()
+    cpu_kernels.load_variant.cache_clear()
 
 
 def test_turned_off_pytorchs_kernels_give_close_products(without_our_kernels):
     assert cpu_kernels.load() == "LLAMA_CPU_KERNELS=0"
     assert describe("int4", 32) == ("int4, group 32, output int8, PyTorch's kernels "
-                                    "(bf16 activations; ours: LLAMA_CPU_KERNELS=0)")
+                                    "(ours: LLAMA_CPU_KERNELS=0), bf16 activations")
     torch.manual_seed(0)
     weight, x = torch.randn(64, 128) * 0.05, torch.randn(3, 128)
     for product, bound in ((Int8Product(weight), 0.02), (Int4Product(weight, 32), 0.2)):
@@ -109,15 +129,16 @@ def test_a_failed_build_is_reported_and_falls_back(without_our_kernels, monkeypa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CXX", compiler)
     cpu_kernels.load.cache_clear()
+    cpu_kernels.load_variant.cache_clear()
     reason = cpu_kernels.load()
-    assert reason is not None and reason.startswith("building our kernels failed")
+    assert reason is not None and "building our kernels failed" in reason
     assert not Int8Product(torch.randn(32, 64)).ours
     assert not list((tmp_path / "llama-runner" / "kernels").glob("*.so"))
 
 
 @pytest.mark.parametrize("batch,heads,kv_heads,dim,length", [(1, 9, 3, 64, 150), (3, 8, 2, 128, 77), (2, 4, 4, 64, 5),
                                                              (1, 4, 1, 64, 1)])
-def test_decode_attention_equals_pytorchs(batch, heads, kv_heads, dim, length):
+def test_decode_attention_equals_pytorchs(kernels, batch, heads, kv_heads, dim, length):
     """One new position per sequence, each at its own place in a larger cache (strided views)."""
     torch.manual_seed(length)
     q = torch.randn(batch, 1, heads, dim).transpose(1, 2)
@@ -128,7 +149,7 @@ def test_decode_attention_equals_pytorchs(batch, heads, kv_heads, dim, length):
     mask = (torch.arange(length) <= positions[:, None]).view(batch, 1, 1, length)
     want = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                             enable_gqa=heads != kv_heads)
-    torch.testing.assert_close(torch.ops.llama_cpu.decode_attention(q, keys, values, mask), want,
+    torch.testing.assert_close(kernels.decode_attention(q, keys, values, mask), want,
                                rtol=1e-5, atol=1e-5)
 
 
@@ -137,17 +158,89 @@ def test_a_compiled_fp32_cpu_model_attends_with_our_kernel(llama31_ckpts):
 
     generator = Llama.build(str(llama31_ckpts[1]), str(llama31_ckpts[1] / "tokenizer.model"), max_seq_len=32,
                             max_batch_size=1, device="cpu", dtype="fp32", compile=True)
-    assert all(layer.attention.decode_kernel for layer in generator.model.layers)
+    assert all(layer.attention.decode_kernel is not None for layer in generator.model.layers)
 
 
 def test_a_damaged_library_in_the_cache_is_reported_and_falls_back(without_our_kernels, monkeypatch, tmp_path):
     monkeypatch.setenv("LLAMA_CPU_KERNELS", "1")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CXX", "c++")
-    library = cpu_kernels.library_path("c++")
+    library = cpu_kernels.library_path("c++", BASELINE)
     library.parent.mkdir(parents=True)
     library.write_bytes(b"not a shared library")
     cpu_kernels.load.cache_clear()
+    cpu_kernels.load_variant.cache_clear()
+    monkeypatch.setenv("LLAMA_CPU_KERNELS", BASELINE.name)
     reason = cpu_kernels.load()
-    assert reason is not None and reason.startswith(f"loading {library} failed")
+    assert reason is not None and f"loading {library} failed" in reason
     assert not Int4Product(torch.randn(32, 64), 32).ours
+
+
+@pytest.mark.parametrize("rows", ROWS + [16])
+def test_bf16_product_equals_the_bf16_weights_in_float64(kernels, rows):
+    torch.manual_seed(rows)
+    weight = (torch.randn(131, 576) * 0.05).bfloat16()  # rows not a multiple of the 4 a task takes
+    x = torch.randn(rows, 576)
+    assert relative_error(kernels.bf16_gemv(x, weight), x.double() @ weight.double().t()) < 1e-6
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])  # the kernel's rows, then prefill's widened slices
+def test_a_bf16_layer_multiplies_in_fp32_and_returns_bf16(rows, monkeypatch):
+    monkeypatch.setattr("llama.bf16.WIDEN_BYTES", 4 * 576 * 50)  # 50 rows a slice: 3 slices
+    torch.manual_seed(rows)
+    weight = (torch.randn(131, 576) * 0.05).bfloat16()
+    product = Bf16Product(weight)
+    assert product.kernel is not None and product.rows_at_once == 50
+    x = torch.randn(2, rows, 576).bfloat16()
+    got = product(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, rows, 131)
+    want = (x.double() @ weight.double().t()).bfloat16()
+    assert torch.equal(got, want) or relative_error(got, want) < 2 ** -8  # one bf16 rounding
+
+
+def _products():
+    """The products every variant must compute to the avx2 variant's bits (the attention is only
+    close: the compiler vectorises its sums to each variant's width)."""
+    torch.manual_seed(3)
+    weight = gguf_round_trip(torch.randn(64, 256) * 0.05, GGMLQuantizationType.Q4_1)
+    int4, int8 = Int4Product(weight, 32), Int8Product(weight)
+    calls = {"int4": lambda ops, x: ops.int4_gemv(x, int4.packed),
+             "int8": lambda ops, x: ops.int8_gemv(x, int8.weight, int8.scales),
+             "bf16": lambda ops, x: ops.bf16_gemv(x, weight.bfloat16())}
+    return [(name, call, torch.randn(rows, 256)) for name, call in calls.items() for rows in (1, 5)]
+
+
+@pytest.mark.parametrize("variant", [v for v in cpu_kernels.VARIANTS if v != BASELINE], ids=lambda v: v.name)
+def test_every_variant_returns_the_bits_of_the_avx2_one(variant):
+    missing = cpu_kernels.missing_flags(variant)
+    if missing:
+        pytest.skip(f"the {variant.name} variant needs CPU flags this CPU lacks: {', '.join(missing)}")
+    assert cpu_kernels.load_variant(variant) is None and cpu_kernels.load_variant(BASELINE) is None
+    for name, call, x in _products():
+        assert torch.equal(call(cpu_kernels.ops(variant), x), call(cpu_kernels.ops(BASELINE), x)), name
+
+
+def test_the_variants_this_cpu_cannot_run_compile_here(tmp_path):
+    """Their code is checked wherever the tests run (those it can run are built above)."""
+    compiler = shutil.which("c++")
+    for variant in filter(cpu_kernels.missing_flags, cpu_kernels.VARIANTS):
+        assert cpu_kernels._build(compiler, variant, tmp_path / f"{variant.namespace}.so") is None, variant.name
+
+
+def test_a_bf16_cpu_model_multiplies_through_bf16_products_close_to_fp32(llama31_ckpts, capsys):
+    from llama import Llama
+
+    ckpt = llama31_ckpts[1]
+    built = {dtype: Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=2,
+                                device="cpu", dtype=dtype, compile=dtype == "bf16")
+             for dtype in ("fp32", "bf16")}
+    assert f"bfloat16, {cpu_kernels.describe()}, compiled decode step" in capsys.readouterr().out
+    model = built["bf16"].model
+    products = [m for m in model.modules() if isinstance(m, Bf16Product)]
+    assert len(products) == 2 * 4 + 1 and all(p.kernel is not None for p in products)  # joined qkv, w13; wo, w2; output
+    tokens = torch.tensor([[128000, 791, 4062, 14198, 13], [128000, 9906, 1917, 13, 264]])
+    logits = {dtype: llama.model(tokens, 0).float() for dtype, llama in built.items()}  # prefill: widened slices
+    assert relative_error(logits["bf16"], logits["fp32"]) < 0.03
+    step = {dtype: llama.model(tokens[:, :1], 5, last_index=torch.zeros(2, dtype=torch.long)).float()
+            for dtype, llama in built.items()}  # one compiled decode step: the kernel
+    assert relative_error(step["bf16"], step["fp32"]) < 0.03

@@ -12,6 +12,8 @@
 #include <limits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 // q (b, h, 1, d) fp32; keys, values (b, kv_heads, l, d) fp32, any strides with a contiguous last
@@ -76,10 +78,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(llama_cpu, lib) {
-  lib.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor mask) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(llama_cpu, CPU, lib) {
+LLAMA_LIBRARY_IMPL(LLAMA_OPS, CPU, lib) {
   lib.impl("decode_attention", &decode_attention);
 }

@@ -1,21 +1,25 @@
-// Products of a few activation rows with int4 or int8 weights on x86 CPUs with AVX-512 VNNI: the
+// Products of activation rows with int4 or int8 weights on x86 CPUs (AVX2 and up; simd.h): the
 // decode step's matrix-vector products, which PyTorch's own weight-only kernels run at under half
-// the memory bandwidth on small models (BENCHMARKS.md). Layouts are made by llama/quantize.py.
+// the memory bandwidth on small models (BENCHMARKS.md), and prefill's many rows, several rows
+// sharing each weight vector that is read and unpacked. Layouts are made by llama/quantize.py.
 //
-// Both layouts put 16 output rows side by side, one per 32-bit lane of a 512-bit register, so one
-// instruction advances 16 rows at once and an activation value is broadcast, not reduced.
+// Both layouts put 16 output rows side by side, one per 32-bit lane, so one operation advances 16
+// rows at once and an activation value is broadcast, not reduced.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
+
+using simd::F32x16;
 
 constexpr int64_t kRows = 16;         // output rows per block
 constexpr int64_t kGroup = 32;        // int4: inputs per group
@@ -43,6 +47,32 @@ void quantize_groups(const float* a, int64_t k, int8_t* q, float* scale, float* 
   }
 }
 
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> scale, sum;
+};
+
+// Rows r..r+R-1 of y for int4 block p (all groups of 16 rows): each group's codes are unpacked
+// once for the R rows.
+template <int R>
+void int4_block(const uint8_t* p, int64_t groups, const QuantizedRows& x, int64_t k, int64_t r, float* y,
+                int64_t n) {
+  F32x16 acc[R];
+  for (int j = 0; j < R; ++j) acc[j] = simd::zeros();
+  for (int64_t g = 0; g < groups; ++g, p += kInt4Block) {
+    const simd::Nibbles codes = simd::unpack(p);
+    const F32x16 scales = simd::load_fp16(p + 256), mins = simd::load_fp16(p + 288);
+    for (int j = 0; j < R; ++j) {
+      const int64_t row = r + j;
+      const int32_t* a = reinterpret_cast<const int32_t*>(x.q.data() + row * k + g * kGroup);
+      const F32x16 dot = simd::to_float(simd::dot(codes, a));
+      acc[j] = simd::fmadd(dot, simd::mul(scales, simd::broadcast(x.scale[row * groups + g])), acc[j]);
+      acc[j] = simd::fmadd(mins, simd::broadcast(x.sum[row * groups + g]), acc[j]);
+    }
+  }
+  for (int j = 0; j < R; ++j) simd::store(y + (r + j) * n, acc[j]);
+}
+
 // y (m, n) = x (m, k) times int4 weights. Block (b, g) holds rows 16b..16b+15, inputs 32g..32g+31:
 // 4 x 64 bytes of codes (vector s, lane j, byte t: low nibble = input 32g+4s+t, high nibble = input
 // 32g+16+4s+t of row 16b+j), then 16 fp16 scales and 16 fp16 mins; w = code * scale + min.
@@ -50,39 +80,27 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float (m, k)");
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == kInt4Block &&
               packed.is_contiguous(), "packed: contiguous uint8 (n / 16, k / 32, 320)");
-  const int64_t m = x.size(0), k = x.size(1), blocks = packed.size(0), groups = packed.size(1);
+  const int64_t m = x.size(0), k = x.size(1), blocks = packed.size(0), groups = packed.size(1), n = blocks * kRows;
   TORCH_CHECK(groups * kGroup == k, "x has ", k, " inputs, the weights ", groups * kGroup);
-  auto y = at::empty({m, blocks * kRows}, x.options());
-  std::vector<int8_t> q(m * k);
-  std::vector<float> scale(m * groups), sum(m * groups);
-  for (int64_t r = 0; r < m; ++r)
-    quantize_groups(x.data_ptr<float>() + r * k, k, q.data() + r * k, scale.data() + r * groups, sum.data() + r * groups);
+  auto y = at::empty({m, n}, x.options());
+  QuantizedRows rows{std::vector<int8_t>(m * k), std::vector<float>(m * groups), std::vector<float>(m * groups)};
+  const float* xs = x.data_ptr<float>();
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      quantize_groups(xs + r * k, k, rows.q.data() + r * k, rows.scale.data() + r * groups, rows.sum.data() + r * groups);
+  });
   const uint8_t* w = packed.data_ptr<uint8_t>();
   float* out = y.data_ptr<float>();
-  const __m512i low = _mm512_set1_epi8(0x0F);
   at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      for (int64_t r = 0; r < m; ++r) {
-        const int32_t* a = reinterpret_cast<const int32_t*>(q.data() + r * k);
-        const float* s = scale.data() + r * groups;
-        const float* t = sum.data() + r * groups;
-        const uint8_t* p = w + b * groups * kInt4Block;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t g = 0; g < groups; ++g, p += kInt4Block, a += 8) {
-          __m512i lo_dot = _mm512_setzero_si512(), hi_dot = _mm512_setzero_si512();
-          for (int step = 0; step < 4; ++step) {
-            const __m512i v = _mm512_loadu_si512(p + 64 * step);
-            lo_dot = _mm512_dpbusd_epi32(lo_dot, _mm512_and_si512(v, low), _mm512_set1_epi32(a[step]));
-            hi_dot = _mm512_dpbusd_epi32(hi_dot, _mm512_and_si512(_mm512_srli_epi16(v, 4), low),
-                                         _mm512_set1_epi32(a[step + 4]));
-          }
-          const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_dot, hi_dot));
-          const __m512 scales = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 256)));
-          const __m512 mins = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 288)));
-          acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(scales, _mm512_set1_ps(s[g])), acc);
-          acc = _mm512_fmadd_ps(mins, _mm512_set1_ps(t[g]), acc);
-        }
-        _mm512_storeu_ps(out + r * blocks * kRows + b * kRows, acc);
+      const uint8_t* p = w + b * groups * kInt4Block;
+      float* yb = out + b * kRows;
+      int64_t r = 0;
+      for (; r + 4 <= m; r += 4) int4_block<4>(p, groups, rows, k, r, yb, n);
+      switch (m - r) {
+        case 3: int4_block<3>(p, groups, rows, k, r, yb, n); break;
+        case 2: int4_block<2>(p, groups, rows, k, r, yb, n); break;
+        case 1: int4_block<1>(p, groups, rows, k, r, yb, n); break;
       }
     }
   });
@@ -94,21 +112,20 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed) {
 template <int R>
 void int8_block(const int8_t* p, const float* x, int64_t k, int64_t r, const float* scales, float* y, int64_t n) {
   constexpr int kUnroll = R == 1 ? 4 : (R == 2 ? 2 : 1);
-  __m512 acc[R][kUnroll];
+  F32x16 acc[R][kUnroll];
   for (int j = 0; j < R; ++j)
-    for (int u = 0; u < kUnroll; ++u) acc[j][u] = _mm512_setzero_ps();
+    for (int u = 0; u < kUnroll; ++u) acc[j][u] = simd::zeros();
   for (int64_t i = 0; i < k; i += kUnroll, p += kUnroll * kRows) {
     for (int u = 0; u < kUnroll; ++u) {
-      const __m512 w = _mm512_cvtepi32_ps(
-          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + u * kRows))));
-      for (int j = 0; j < R; ++j) acc[j][u] = _mm512_fmadd_ps(w, _mm512_set1_ps(x[(r + j) * k + i + u]), acc[j][u]);
+      const F32x16 w = simd::load_int8(p + u * kRows);
+      for (int j = 0; j < R; ++j) acc[j][u] = simd::fmadd(w, simd::broadcast(x[(r + j) * k + i + u]), acc[j][u]);
     }
   }
-  const __m512 scale = _mm512_loadu_ps(scales);
+  const F32x16 scale = simd::load(scales);
   for (int j = 0; j < R; ++j) {
-    __m512 total = acc[j][0];
-    for (int u = 1; u < kUnroll; ++u) total = _mm512_add_ps(total, acc[j][u]);
-    _mm512_storeu_ps(y + (r + j) * n, _mm512_mul_ps(total, scale));
+    F32x16 total = acc[j][0];
+    for (int u = 1; u < kUnroll; ++u) total = simd::add(total, acc[j][u]);
+    simd::store(y + (r + j) * n, simd::mul(total, scale));
   }
 }
 
@@ -145,12 +162,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Te
 
 }  // namespace
 
-TORCH_LIBRARY(llama_cpu, lib) {
-  lib.def("int4_gemv(Tensor x, Tensor packed) -> Tensor");
-  lib.def("int8_gemv(Tensor x, Tensor weight, Tensor scales) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(llama_cpu, CPU, lib) {
+LLAMA_LIBRARY_IMPL(LLAMA_OPS, CPU, lib) {
   lib.impl("int4_gemv", &int4_gemv);
   lib.impl("int8_gemv", &int8_gemv);
 }
