@@ -16,7 +16,7 @@ setup(
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["llama", "llama.*"]),
-    package_data={"llama": ["csrc/*.cpp"]},  # our CPU kernels, built on first use (llama/cpu_kernels.py)
+    package_data={"llama": ["csrc/*.cpp", "csrc/*.h"]},  # our CPU kernels, built on first use (llama/cpu_kernels.py)
     python_requires=">=3.10",
     install_requires=requirements,
     extras_require={

@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
-from . import bf16, cpu_kernels
+from . import bf16, cpu_kernels, memory
 from .args import load_params, rope_scaling_factor
 # Llama 2's and Llama 3's generation.py define these, and callers import them from there.
 from .chat_format import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR,  # noqa: F401
@@ -153,6 +153,8 @@ class Llama:
             print(f"RoPE scaling factor {factor:g} ({reason})")
         embedding_split = checkpoint.embedding_split_on_disk or (
             "dim" if tokenizer.kind == "sentencepiece" else "vocab")
+        need = memory.estimate(args, where.world_size, where.rank, dtype, checkpoint.tied, embedding_split)
+        memory.check_fits(need, device, dtype, args, memory.available_bytes(device))
         # Build the skeleton without memory, then give it this rank's slices as its weights.
         with skeleton():
             model = Transformer(args, embedding_split)

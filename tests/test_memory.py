@@ -1,0 +1,37 @@
+"""The memory estimate made before loading, and the refusal when a machine cannot hold a model."""
+
+import pytest
+import torch
+
+from llama import Llama, memory
+from llama.args import load_params
+
+
+def test_the_estimate_counts_this_ranks_weights_and_cache(llama31_ckpts):
+    ckpt = llama31_ckpts[1]
+    generator = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=64, max_batch_size=3,
+                            device="cpu", dtype="fp32")
+    model = generator.model
+    unique = {t.untyped_storage().data_ptr(): t.nbytes for t in model.state_dict().values()}
+    args = load_params(ckpt, max_seq_len=64, max_batch_size=3)
+    need = memory.estimate(args, 1, 0, torch.float32, tied=False, embedding_split="vocab")
+    assert need.weights == sum(unique.values())
+    caches = sum(layer.attention.cache_k.nbytes + layer.attention.cache_v.nbytes for layer in model.layers)
+    assert need.kv_cache == caches
+    half = memory.estimate(args, 2, 1, torch.bfloat16, tied=False, embedding_split="vocab")
+    assert half.weights < need.weights / 3.5  # half the slice, half the bytes (norms are whole)
+
+
+def test_a_model_that_does_not_fit_is_refused_before_loading(llama31_ckpts, monkeypatch):
+    ckpt = llama31_ckpts[1]
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 50 << 20)  # 50 MiB free
+    monkeypatch.setattr(memory, "RUNTIME_BYTES", 0)
+    loaded = []
+    monkeypatch.setattr("llama.generation.load_rank_weights", lambda *a, **k: loaded.append(1))
+    with pytest.raises(MemoryError) as refused:
+        Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=4096, max_batch_size=8,
+                    device="cpu", dtype="fp32")
+    message = str(refused.value)
+    assert "needs about 85 MiB per rank" in message and "only 50 MiB is available" in message
+    assert "--dtype bf16" in message and "--max_seq_len" in message and "KV cache 16 MiB" in message
+    assert not loaded  # refused before a weight was read
