@@ -4,8 +4,11 @@ products in float64, int4 against what llama.cpp computes for a Q4_1 weight time
 activation (both formats made by the `gguf` package), attention against PyTorch's
 scaled_dot_product_attention; and the fallback to PyTorch's kernels where ours cannot run."""
 
+import os
 import platform
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -123,16 +126,22 @@ def test_turned_off_pytorchs_kernels_give_close_products(without_our_kernels):
         assert relative_error(product(x), x @ weight.t()) < bound
 
 
+def _fresh_process(env: dict) -> str:
+    """What a new process with `env` says of our kernels, and whether its products use them."""
+    script = ("import torch; from llama import cpu_kernels; from llama.quantize import Int4Product, Int8Product; "
+              "print(cpu_kernels.load()); print(Int8Product(torch.randn(32, 64)).ours, "
+              "Int4Product(torch.randn(32, 64), 32).ours)")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 @pytest.mark.parametrize("compiler", ["false", "/nonexistent/c++"])  # always fails; is not there
-def test_a_failed_build_is_reported_and_falls_back(without_our_kernels, monkeypatch, tmp_path, compiler):
-    monkeypatch.setenv("LLAMA_CPU_KERNELS", "1")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("CXX", compiler)
-    cpu_kernels.load.cache_clear()
-    cpu_kernels.load_variant.cache_clear()
-    reason = cpu_kernels.load()
-    assert reason is not None and "building our kernels failed" in reason
-    assert not Int8Product(torch.randn(32, 64)).ours
+def test_a_failed_build_is_reported_and_falls_back(tmp_path, compiler):
+    said = _fresh_process({"LLAMA_CPU_KERNELS": "1", "XDG_CACHE_HOME": str(tmp_path), "CXX": compiler})
+    assert said.startswith("avx") and "building our kernels failed" in said  # named by the variant tried
+    assert said.endswith("False False\n")
     assert not list((tmp_path / "llama-runner" / "kernels").glob("*.so"))
 
 
@@ -161,19 +170,13 @@ def test_a_compiled_fp32_cpu_model_attends_with_our_kernel(llama31_ckpts):
     assert all(layer.attention.decode_kernel is not None for layer in generator.model.layers)
 
 
-def test_a_damaged_library_in_the_cache_is_reported_and_falls_back(without_our_kernels, monkeypatch, tmp_path):
-    monkeypatch.setenv("LLAMA_CPU_KERNELS", "1")
+def test_a_damaged_library_in_the_cache_is_reported_and_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("CXX", "c++")
     library = cpu_kernels.library_path("c++", BASELINE)
     library.parent.mkdir(parents=True)
     library.write_bytes(b"not a shared library")
-    cpu_kernels.load.cache_clear()
-    cpu_kernels.load_variant.cache_clear()
-    monkeypatch.setenv("LLAMA_CPU_KERNELS", BASELINE.name)
-    reason = cpu_kernels.load()
-    assert reason is not None and f"loading {library} failed" in reason
-    assert not Int4Product(torch.randn(32, 64), 32).ours
+    said = _fresh_process({"LLAMA_CPU_KERNELS": BASELINE.name, "XDG_CACHE_HOME": str(tmp_path), "CXX": "c++"})
+    assert f"loading {library} failed" in said and said.endswith("False False\n")
 
 
 @pytest.mark.parametrize("rows", ROWS + [16])
@@ -244,3 +247,9 @@ def test_a_bf16_cpu_model_multiplies_through_bf16_products_close_to_fp32(llama31
     step = {dtype: llama.model(tokens[:, :1], 5, last_index=torch.zeros(2, dtype=torch.long)).float()
             for dtype, llama in built.items()}  # one compiled decode step: the kernel
     assert relative_error(step["bf16"], step["fp32"]) < 0.03
+
+
+def test_a_variant_can_be_asked_for_by_name_and_a_wrong_name_is_refused():
+    assert _fresh_process({"LLAMA_CPU_KERNELS": BASELINE.name}) == "None\nTrue True\n"
+    said = _fresh_process({"LLAMA_CPU_KERNELS": "sse2"})
+    assert "LLAMA_CPU_KERNELS=sse2 names no variant" in said and said.endswith("False False\n")

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -24,6 +25,7 @@ using simd::F32x16;
 constexpr int64_t kRows = 16;         // output rows per block
 constexpr int64_t kGroup = 32;        // int4: inputs per group
 constexpr int64_t kInt4Block = 320;   // int4: bytes per (16 rows, 32 inputs): codes, scales, mins
+constexpr int64_t kTileBytes = 128 << 10;  // int4: activation bytes of a tile of rows
 
 // Quantizes each group of 32 activations to int8 with its own scale (max |a| / 127), as llama.cpp
 // does for its 4-bit dot products. The min term takes the sum of the rounded activations, not of
@@ -52,25 +54,28 @@ struct QuantizedRows {
   std::vector<float> scale, sum;
 };
 
-// Rows r..r+R-1 of y for int4 block p (all groups of 16 rows): each group's codes are unpacked
-// once for the R rows.
+// Rows r..r+R-1 of y for int4 block p (all groups of 16 rows), a part of the lanes at a time:
+// each group's codes are unpacked once for the R rows.
 template <int R>
 void int4_block(const uint8_t* p, int64_t groups, const QuantizedRows& x, int64_t k, int64_t r, float* y,
                 int64_t n) {
-  F32x16 acc[R];
-  for (int j = 0; j < R; ++j) acc[j] = simd::zeros();
-  for (int64_t g = 0; g < groups; ++g, p += kInt4Block) {
-    const simd::Nibbles codes = simd::unpack(p);
-    const F32x16 scales = simd::load_fp16(p + 256), mins = simd::load_fp16(p + 288);
-    for (int j = 0; j < R; ++j) {
-      const int64_t row = r + j;
-      const int32_t* a = reinterpret_cast<const int32_t*>(x.q.data() + row * k + g * kGroup);
-      const F32x16 dot = simd::to_float(simd::dot(codes, a));
-      acc[j] = simd::fmadd(dot, simd::mul(scales, simd::broadcast(x.scale[row * groups + g])), acc[j]);
-      acc[j] = simd::fmadd(mins, simd::broadcast(x.sum[row * groups + g]), acc[j]);
+  for (int h = 0; h < simd::kParts; ++h) {
+    simd::Part acc[R];
+    for (int j = 0; j < R; ++j) acc[j] = simd::part_zeros();
+    const uint8_t* block = p;
+    for (int64_t g = 0; g < groups; ++g, block += kInt4Block) {
+      const simd::Nibbles codes = simd::unpack(block, h);
+      const simd::Part scales = simd::part_fp16(block + 256, h), mins = simd::part_fp16(block + 288, h);
+      for (int j = 0; j < R; ++j) {
+        const int64_t row = r + j;
+        const int32_t* a = reinterpret_cast<const int32_t*>(x.q.data() + row * k + g * kGroup);
+        const simd::Part dot = simd::dot(codes, a);
+        acc[j] = simd::part_fmadd(dot, simd::part_mul(scales, simd::part_broadcast(x.scale[row * groups + g])), acc[j]);
+        acc[j] = simd::part_fmadd(mins, simd::part_broadcast(x.sum[row * groups + g]), acc[j]);
+      }
     }
+    for (int j = 0; j < R; ++j) simd::part_store(y + (r + j) * n + h * simd::kPartLanes, acc[j]);
   }
-  for (int j = 0; j < R; ++j) simd::store(y + (r + j) * n, acc[j]);
 }
 
 // y (m, n) = x (m, k) times int4 weights. Block (b, g) holds rows 16b..16b+15, inputs 32g..32g+31:
@@ -91,16 +96,22 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed) {
   });
   const uint8_t* w = packed.data_ptr<uint8_t>();
   float* out = y.data_ptr<float>();
+  // Many rows (prefill): a tile of rows whose int8 activations stay in L2 meets every block of
+  // this thread's weights before the next tile.
+  const int64_t tile = std::max<int64_t>(4, (kTileBytes / k) / 4 * 4);
   at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const uint8_t* p = w + b * groups * kInt4Block;
-      float* yb = out + b * kRows;
-      int64_t r = 0;
-      for (; r + 4 <= m; r += 4) int4_block<4>(p, groups, rows, k, r, yb, n);
-      switch (m - r) {
-        case 3: int4_block<3>(p, groups, rows, k, r, yb, n); break;
-        case 2: int4_block<2>(p, groups, rows, k, r, yb, n); break;
-        case 1: int4_block<1>(p, groups, rows, k, r, yb, n); break;
+    for (int64_t first = 0; first < m; first += tile) {
+      const int64_t last = std::min(m, first + tile);
+      for (int64_t b = begin; b < end; ++b) {
+        const uint8_t* p = w + b * groups * kInt4Block;
+        float* yb = out + b * kRows;
+        int64_t r = first;
+        for (; r + 4 <= last; r += 4) int4_block<4>(p, groups, rows, k, r, yb, n);
+        switch (last - r) {
+          case 3: int4_block<3>(p, groups, rows, k, r, yb, n); break;
+          case 2: int4_block<2>(p, groups, rows, k, r, yb, n); break;
+          case 1: int4_block<1>(p, groups, rows, k, r, yb, n); break;
+        }
       }
     }
   });
