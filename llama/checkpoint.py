@@ -15,9 +15,10 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
+from torch import nn
 
 from .args import ModelArgs
 
@@ -39,6 +40,7 @@ SPLIT_DIM: Dict[str, Optional[int]] = {
 }
 KV_KEYS = ("attention.wk.weight", "attention.wv.weight")
 IGNORED_KEYS = {"rope.freqs"}  # old checkpoints store RoPE tables; we compute them
+LAYER_KEY = re.compile(r"(layers\.\d+)\.")
 SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth$")
 _MADV_DONTNEED = 4
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
@@ -254,23 +256,74 @@ def _drop_file_pages(tensor: torch.Tensor) -> None:
     _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(length), _MADV_DONTNEED)
 
 
-def load_rank_weights(ckpt: ShardedCheckpoint, rank: int, world: int, embedding_split: str,
-                      device: torch.device, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    """This rank's slice of every weight, converted straight into its final device and dtype."""
+def iter_rank_weights(ckpt: ShardedCheckpoint, rank: int, world: int, embedding_split: str,
+                      device: torch.device, dtype: torch.dtype) -> Iterator[Tuple[str, torch.Tensor]]:
+    """This rank's slice of every weight, converted straight into its final device and dtype, one
+    tensor at a time in the checkpoint's order (the embedding, norm and output first, then layer
+    by layer), so a caller can turn each layer into its final form before the next is read."""
 
     def slice_of(key: str, source: str) -> torch.Tensor:
         dim, start, end = rank_slice(key, ckpt.args, rank, world, embedding_split)
         piece = ckpt.read(source, dim, start, end)
         return torch.empty(piece.shape, dtype=dtype, device=device).copy_(piece)
 
-    state = {}
     for key in ckpt.shapes:
-        state[key] = slice_of(key, key)
+        tensor = slice_of(key, key)
+        yield key, tensor
         if ckpt.tied and key == "tok_embeddings.weight":
             # Tied output layer: with both split by vocab it is this rank's embedding rows as they are.
-            state["output.weight"] = state[key] if embedding_split == "vocab" else slice_of("output.weight", key)
+            yield "output.weight", tensor if embedding_split == "vocab" else slice_of("output.weight", key)
         ckpt.release(key)
-    return state
+
+
+def load_rank_weights(ckpt: ShardedCheckpoint, rank: int, world: int, embedding_split: str,
+                      device: torch.device, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """iter_rank_weights as one dict."""
+    return dict(iter_rank_weights(ckpt, rank, world, embedding_split, device, dtype))
+
+
+def assign_weights(model: nn.Module, weights: Iterable[Tuple[str, torch.Tensor]],
+                   finish: Optional[Callable[[nn.Module], None]] = None) -> None:
+    """Gives the model (built on the meta device) its weights as they arrive from
+    iter_rank_weights. `finish` is called on the model once the embedding, norm and output layer
+    are in (it must leave alone what is still on the meta device), then on each transformer block
+    as soon as its last tensor is in: quantize_model turns a block into its quantized products
+    there, so only one block's float weights are held beside the finished ones."""
+    rest: Dict[str, torch.Tensor] = {}
+    block: Dict[str, torch.Tensor] = {}
+    prefix: Optional[str] = None
+
+    def finish_rest() -> None:
+        result = model.load_state_dict(rest, strict=False, assign=True)
+        missing = [key for key in result.missing_keys if not LAYER_KEY.match(key)]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"the weights do not fit the model: missing {missing}, unexpected {result.unexpected_keys}")
+        rest.clear()
+        if finish is not None:
+            finish(model)
+
+    def finish_block() -> None:
+        module = model.get_submodule(prefix)
+        module.load_state_dict({key[len(prefix) + 1:]: value for key, value in block.items()}, strict=True, assign=True)
+        block.clear()
+        if finish is not None:
+            finish(module)
+
+    for key, tensor in weights:
+        match = LAYER_KEY.match(key)
+        if match is None:
+            rest[key] = tensor
+            continue
+        if prefix is None:
+            finish_rest()
+        elif match.group(1) != prefix:
+            finish_block()
+        prefix = match.group(1)
+        block[key] = tensor
+    if prefix is None:
+        finish_rest()
+    else:
+        finish_block()
 
 
 def save_consolidated(state: Dict[str, torch.Tensor], params: dict, out_dir: Path, num_shards: int,

@@ -21,7 +21,7 @@ from .args import load_params, rope_scaling_factor
 # Llama 2's and Llama 3's generation.py define these, and callers import them from there.
 from .chat_format import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR,  # noqa: F401
                           ChatFormat, Dialog, Message, Role)
-from .checkpoint import ShardedCheckpoint, check_world_size, load_rank_weights
+from .checkpoint import ShardedCheckpoint, assign_weights, check_world_size, iter_rank_weights
 from .distributed import init_model_parallel, placement, resolve_device, resolve_dtype, silence_other_ranks
 from .engine import Engine, Request, SamplingParams, token_logprobs
 from .lockstep import (DEFAULT_TIMEOUT, check_same_inputs, check_timeout, fault_point, start_watchdog,
@@ -153,17 +153,20 @@ class Llama:
             print(f"RoPE scaling factor {factor:g} ({reason})")
         embedding_split = checkpoint.embedding_split_on_disk or (
             "dim" if tokenizer.kind == "sentencepiece" else "vocab")
-        need = memory.estimate(args, where.world_size, where.rank, dtype, checkpoint.tied, embedding_split)
-        memory.check_fits(need, device, dtype, args, memory.available_bytes(device))
+        need = memory.estimate(args, where.world_size, where.rank, dtype, checkpoint.tied, embedding_split,
+                               quantize, quant_group)
+        memory.check_fits(need, device, dtype, args, memory.available_bytes(device), quantize)
         # Build the skeleton without memory, then give it this rank's slices as its weights.
         with skeleton():
             model = Transformer(args, embedding_split)
-        weights = load_rank_weights(checkpoint, where.rank, where.world_size, embedding_split, device, dtype)
-        model.load_state_dict(weights, strict=True, assign=True)
-        del weights
-        quantize_model(model, quantize, quant_group)
-        if quantize is None and bf16.usable(device, dtype):
-            bf16.use_bf16_products(model)
+        # Each layer becomes its quantized (or bf16) products as soon as it is read.
+        products = None
+        if quantize is not None:
+            products = lambda module: quantize_model(module, quantize, quant_group)  # noqa: E731
+        elif bf16.usable(device, dtype):
+            products = bf16.use_bf16_products
+        weights = iter_rank_weights(checkpoint, where.rank, where.world_size, embedding_split, device, dtype)
+        assign_weights(model, weights, products)
         model.setup_caches(max_batch_size, max_seq_len)
         model.eval()
         if compile:

@@ -88,24 +88,6 @@ def column_products(x: torch.Tensor, *layers: ColumnParallel):
     return joint(x).split([layer.output_size_per_partition for layer in layers], dim=-1)
 
 
-def replace_products(model: nn.Module, make: Callable[[torch.Tensor, bool], nn.Module]) -> None:
-    """Gives every parallel linear layer the product `make(weight, is_output_layer)` in place of its
-    float weight, layer by layer (or joined group by joined group), so only one layer or group is
-    held twice at once. Layers that read the same input (a module's SAME_INPUT: q, k and v; w1 and
-    w3) get one product for all their rows, on the first of them (its `joint`; see
-    column_products)."""
-    for module in list(model.modules()):
-        layers = [getattr(module, name) for name in getattr(module, "SAME_INPUT", ())]
-        if layers:
-            layers[0].joint = make(torch.cat([layer.weight.detach() for layer in layers]), False)
-            for layer in layers:
-                layer.weight = None
-    for layer in model.modules():
-        if isinstance(layer, (ColumnParallel, RowParallel)) and layer.weight is not None:
-            layer.product = make(layer.weight.detach(), layer is getattr(model, "output", None))
-            layer.weight = None
-
-
 class RowParallel(_Quantizable, RowParallelLinear):
     """Holds the input columns of this rank; sums the partial outputs of all ranks."""
 
@@ -115,6 +97,29 @@ class RowParallel(_Quantizable, RowParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _all_reduce(self._product(x))
+
+
+def _loaded(layer: nn.Module) -> bool:
+    return layer.weight is not None and not layer.weight.is_meta
+
+
+def replace_products(model: nn.Module, make: Callable[[torch.Tensor, bool], nn.Module]) -> None:
+    """Gives every parallel linear layer the product `make(weight, is_output_layer)` in place of its
+    float weight, layer by layer (or joined group by joined group), so only one layer or group is
+    held twice at once. Layers that read the same input (a module's SAME_INPUT: q, k and v; w1 and
+    w3) get one product for all their rows, on the first of them (its `joint`; see
+    column_products). Layers already replaced, or not loaded yet (on the meta device), are left
+    alone."""
+    for module in list(model.modules()):
+        layers = [getattr(module, name) for name in getattr(module, "SAME_INPUT", ())]
+        if layers and all(map(_loaded, layers)):
+            layers[0].joint = make(torch.cat([layer.weight.detach() for layer in layers]), False)
+            for layer in layers:
+                layer.weight = None
+    for layer in model.modules():
+        if isinstance(layer, (ColumnParallel, RowParallel)) and _loaded(layer):
+            layer.product = make(layer.weight.detach(), layer is getattr(model, "output", None))
+            layer.weight = None
 
 
 class VocabParallel(VocabParallelEmbedding):

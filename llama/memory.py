@@ -1,10 +1,10 @@
 """What one rank will hold, estimated before any weight is read, and a clear refusal when the
 machine cannot hold it (instead of the kernel's OOM killer, hours into a download's first run).
 
-Peak of a rank = its slice of the weights in the loading dtype x LOAD_OVERHEAD (the slice being
-copied, the joined q/k/v and w1/w3 groups while they are concatenated) + the KV cache for
-max_batch_size x max_seq_len + RUNTIME_BYTES (PyTorch, the kernels, activations). Quantization
-happens after the float weights are in memory, so its peak is the float one.
+Peak of a rank = its weights as held (float in the model's dtype, or quantized) + what loading
+holds on top for a while (float: LOAD_OVERHEAD, the slice being copied and the joined q/k/v and
+w1/w3 groups; quantized: one block's float weights, as each block is quantized when read) + the
+KV cache for max_batch_size x max_seq_len + RUNTIME_BYTES (PyTorch, the kernels, activations).
 """
 
 import os
@@ -24,27 +24,50 @@ GIB = 1 << 30
 
 @dataclass
 class Estimate:
-    weights: int
+    weights: int  # held once loaded
+    loading: int  # held for a while on top: copies made while loading
     kv_cache: int
     runtime: int
 
     @property
     def total(self) -> int:
-        return int(self.weights * LOAD_OVERHEAD) + self.kv_cache + self.runtime
+        return self.weights + self.loading + self.kv_cache + self.runtime
 
 
-def estimate(args: ModelArgs, world: int, rank: int, dtype: torch.dtype, tied: bool, embedding_split: str) -> Estimate:
+def _quantized_bytes(numel: int, rows: int, int8: bool, group: int) -> int:
+    if int8:
+        return numel + 4 * rows  # codes, an fp32 scale per row
+    return numel // 2 + numel // group * 4  # codes, an fp16 scale and min per group
+
+
+def estimate(args: ModelArgs, world: int, rank: int, dtype: torch.dtype, tied: bool, embedding_split: str,
+             quantize: Optional[str] = None, group: int = 32) -> Estimate:
+    """One rank's memory. Float weights: its slice in `dtype`, plus LOAD_OVERHEAD while loading.
+    Quantized: the embedding (and norms) in `dtype`, the linear layers quantized as they are read
+    (int4's output layer in int8), plus one block's float weights, or the output layer's, at once."""
     bytes_per = torch.empty((), dtype=dtype).element_size()
-    weights = 0
-    for key, shape in expected_shapes(args, tied=tied).items():
+    held, block_float = 0, {}
+    shapes = expected_shapes(args, tied=tied)
+    if tied and quantize:
+        shapes["output.weight"] = shapes["tok_embeddings.weight"]  # its own quantized copy
+    for key, shape in shapes.items():
         dim, start, end = rank_slice(key, args, rank, world, embedding_split)
         numel = 1
         for size in shape:
             numel *= size
-        weights += numel if dim is None else numel // shape[dim] * (end - start)
+        if dim is not None:
+            numel = numel // shape[dim] * (end - start)
+        if quantize and len(shape) == 2 and key != "tok_embeddings.weight":
+            rows = numel // shape[1] if dim != 1 else shape[0]
+            held += _quantized_bytes(numel, rows, quantize == "int8" or key == "output.weight", group)
+            block = key.split(".")[1] if key.startswith("layers.") else key
+            block_float[block] = block_float.get(block, 0) + numel * bytes_per
+        else:
+            held += numel * bytes_per
+    loading = max(block_float.values(), default=0) if quantize else int(held * (LOAD_OVERHEAD - 1))
     kv_heads = max(1, args.n_kv_heads // world)
     kv = 2 * args.n_layers * args.max_batch_size * args.max_seq_len * kv_heads * args.head_dim * bytes_per
-    return Estimate(weights * bytes_per, kv, RUNTIME_BYTES)
+    return Estimate(held, loading, kv, RUNTIME_BYTES)
 
 
 def available_bytes(device: torch.device) -> Optional[int]:
@@ -65,7 +88,7 @@ def _size(n: int) -> str:
 
 
 def check_fits(need: Estimate, device: torch.device, dtype: torch.dtype, args: ModelArgs,
-               available: Optional[int]) -> None:
+               available: Optional[int], quantize: Optional[str] = None) -> None:
     """Raises, naming the figures and the fixes, when this machine's ranks cannot hold their share.
     On CPU every rank started on this machine (LOCAL_WORLD_SIZE) draws on the same memory."""
     if available is None:
@@ -76,6 +99,8 @@ def check_fits(need: Estimate, device: torch.device, dtype: torch.dtype, args: M
     fixes = []
     if dtype == torch.float32:
         fixes.append("--dtype bf16 (dtype='bf16': half the weights' bytes)")
+    if quantize != "int4":
+        fixes.append("--quantize int4 (quantize='int4', CPU: about a quarter of bf16's bytes)")
     if need.kv_cache > need.weights // 10:
         fixes.append(f"a smaller --max_seq_len or --max_batch_size (the KV cache is {_size(need.kv_cache)} "
                      f"for {args.max_batch_size} x {args.max_seq_len} positions)")
@@ -83,6 +108,7 @@ def check_fits(need: Estimate, device: torch.device, dtype: torch.dtype, args: M
     ranks = f" x {local} ranks on this machine" if local > 1 else ""
     raise MemoryError(
         f"this model needs about {_size(need.total)} per rank{ranks} on {device.type} (weights "
-        f"{_size(need.weights)} in {str(dtype).replace('torch.', '')} x {LOAD_OVERHEAD} while loading, "
+        f"{_size(need.weights)} in {quantize or str(dtype).replace('torch.', '')}, {_size(need.loading)} more "
+        f"while loading, "
         f"KV cache {_size(need.kv_cache)}, runtime {_size(need.runtime)}) but only "
         f"{_size(available)} is available; try: " + "; ".join(fixes))

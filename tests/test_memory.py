@@ -27,7 +27,7 @@ def test_a_model_that_does_not_fit_is_refused_before_loading(llama31_ckpts, monk
     monkeypatch.setattr(memory, "available_bytes", lambda device: 50 << 20)  # 50 MiB free
     monkeypatch.setattr(memory, "RUNTIME_BYTES", 0)
     loaded = []
-    monkeypatch.setattr("llama.generation.load_rank_weights", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("llama.generation.iter_rank_weights", lambda *a, **k: loaded.append(1))
     with pytest.raises(MemoryError) as refused:
         Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=4096, max_batch_size=8,
                     device="cpu", dtype="fp32")
@@ -35,3 +35,17 @@ def test_a_model_that_does_not_fit_is_refused_before_loading(llama31_ckpts, monk
     assert "needs about 85 MiB per rank" in message and "only 50 MiB is available" in message
     assert "--dtype bf16" in message and "--max_seq_len" in message and "KV cache 16 MiB" in message
     assert not loaded  # refused before a weight was read
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_the_estimate_of_a_quantized_model_is_what_it_holds(llama32_ckpts, quantize):
+    ckpt = llama32_ckpts[1]  # tied: the output layer is a quantized copy of the embedding
+    generator = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=16, max_batch_size=1,
+                            device="cpu", dtype="fp32", quantize=quantize)
+    tensors = list(generator.model.state_dict().values()) + list(generator.model.buffers())
+    unique = {t.untyped_storage().data_ptr(): t.nbytes for t in tensors if t.dim() > 0}
+    caches = sum(layer.attention.cache_k.nbytes * 2 for layer in generator.model.layers)
+    args = load_params(ckpt, max_seq_len=16, max_batch_size=1, rope_scaling_factor=32.0)
+    need = memory.estimate(args, 1, 0, torch.float32, tied=True, embedding_split="vocab", quantize=quantize)
+    held = sum(unique.values()) - caches
+    assert abs(need.weights - held) < 0.05 * held
