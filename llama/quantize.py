@@ -103,15 +103,22 @@ def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
 
 
+SLICE_ROWS = 2048  # rows quantized at once (a multiple of ROWS_PER_BLOCK): float copies of a slice only
+
+
+def _row_slices(x: torch.Tensor):
+    return x.split(SLICE_ROWS)
+
+
 class Int8Product(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         rows, cols = weight.shape
         self.out_features = rows
         self.ours = _ours(weight)
-        weight = weight.float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        codes = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        scales = torch.cat([part.float().abs().amax(dim=1) for part in _row_slices(weight)]).clamp(min=1e-12) / 127
+        codes = torch.cat([torch.round(part.float() / part_scales[:, None]).clamp(-127, 127).to(torch.int8)
+                           for part, part_scales in zip(_row_slices(weight), _row_slices(scales))])
         if self.ours:  # (rows / 16, cols, 16): 16 rows side by side, one input after another
             codes = codes.reshape(rows // ROWS_PER_BLOCK, ROWS_PER_BLOCK, cols).transpose(1, 2).contiguous()
         self.register_buffer("weight", codes)
@@ -139,14 +146,21 @@ class Int4Product(nn.Module):
     def __init__(self, weight: torch.Tensor, group: int):
         super().__init__()
         self.group = group
-        codes, scales, mins = int4_codes(weight, group)
         self.out_features = weight.shape[0]
-        # fp16 holds the scales and mins of real weights (GGUF stores them so); odd ones go the other way.
-        self.ours = _ours(weight) and bool(torch.isfinite(torch.cat([scales, mins]).half()).all())
+        self.ours = _ours(weight)
+        packed = []
+        for part in _row_slices(weight) if self.ours else ():  # a slice at a time: small float copies
+            codes, scales, mins = int4_codes(part, group)
+            # fp16 holds the scales and mins of real weights (GGUF stores them so); odd ones go the other way.
+            if not torch.isfinite(torch.cat([scales, mins]).half()).all():
+                self.ours = False
+                break
+            packed.append(_pack_int4(codes, scales, mins, group))
         self.kernel = cpu_kernels.ops().int4_gemv if self.ours else None
         if self.ours:
-            self.register_buffer("packed", _pack_int4(codes, scales, mins, group))
+            self.register_buffer("packed", torch.cat(packed))
         else:
+            codes, scales, mins = int4_codes(weight, group)
             self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes, 1))
             # The kernel reads w = (q - 8) * scale + zero, so zero is the value of the middle code.
             zeros = mins + 8 * scales
