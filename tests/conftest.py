@@ -11,6 +11,8 @@ import pytest
 # transformers (the converter tests' reference) must only read local files, never the hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+from llama.checkpoint import save_consolidated
+from llama.random_model import random_weights
 from llama.random_model import write_random_checkpoint as write_checkpoint
 
 from .tokenizer_files import llama3_tokenizer_path as _llama3_tokenizer_path
@@ -57,6 +59,37 @@ def llama31_ckpts(tmp_path_factory, llama3_tokenizer_path) -> Dict[int, Path]:
     """Llama 3.1 shape (GQA, scaled RoPE, real Llama 3 tokenizer), saved as 1 and as 2 shards."""
     root = tmp_path_factory.mktemp("llama31")
     return {k: write_checkpoint(root / f"mp{k}", LLAMA31_PARAMS, llama3_tokenizer_path, 128256, k) for k in (1, 2)}
+
+
+# A random model's logits are nearly flat over 128256 tokens (logit std ~1: at temperature 0.6 the
+# top token has p < 0.01 and top-p 0.9 keeps ~46000 tokens), so near-equal probabilities sort one way
+# or the other on the last bit, and the last bit changes with the batch shape (a batched product
+# sums in another order than one row's: ~2e-6 apart here). A test that compares *sampled* tokens
+# between two batch shapes or two code paths needs the sharp model below: its output layer is
+# SHARP_OUTPUT times larger, which gives a trained model's peaked distributions (median top-1 p 0.5
+# at temperature 1.0, 0.8 at 0.6; a top-p nucleus of a few tokens, a few dozen at most). Different
+# seeds still draw differently, and a last-bit change of the logits no longer moves a draw: the
+# tests on it pass with every logit moved by a relative 1e-4 before sampling, where those on the
+# plain model fail with 1e-5.
+SHARP_OUTPUT = 8.0
+
+
+def write_sharp_checkpoint(out_dir: Path, params: dict, tokenizer_path: Path, vocab_size: int, shards: int = 1,
+                           scale: float = SHARP_OUTPUT, seed: int = 0) -> Path:
+    """write_checkpoint's random weights with the output layer (not tied) scaled by `scale`."""
+    weights = random_weights(params, vocab_size, seed=seed)
+    weights["output.weight"] = weights["output.weight"] * scale
+    save_consolidated(weights, params, out_dir, shards, "vocab")
+    (out_dir / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def llama31_sharp_ckpt(tmp_path_factory, llama3_tokenizer_path) -> Path:
+    """Llama 3.1 shape with peaked next-token distributions (see SHARP_OUTPUT), one shard: for the
+    tests that compare sampled tokens across batch shapes or code paths."""
+    return write_sharp_checkpoint(tmp_path_factory.mktemp("llama31_sharp") / "mp1", LLAMA31_PARAMS,
+                                  llama3_tokenizer_path, 128256)
 
 
 @pytest.fixture(scope="session")

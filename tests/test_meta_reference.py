@@ -12,10 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama.checkpoint import save_consolidated
-from llama.random_model import random_weights
-
-from .conftest import LLAMA31_PARAMS
+from .conftest import LLAMA31_PARAMS, write_sharp_checkpoint
 from .meta_reference import run_job
 from .tokenizer_files import llama3_tokenizer_path
 
@@ -23,7 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 TEXTS = ["Hi", "The capital of France is", "Once upon a time, in a small village by the sea, there lived"]
 # Logits of a random model are nearly flat over 128256 tokens: top-p would keep most of them, and
 # near-equal probabilities could sort differently in the last bit between two implementations.
-# A larger output projection gives a trained model's peaked distributions.
+# A larger output projection gives a trained model's peaked distributions (see conftest.SHARP_OUTPUT;
+# this module's checkpoint, seed 3 and x4, predates it).
 SHARP_OUTPUT = 4.0
 
 
@@ -37,15 +35,10 @@ def prompts():
 @pytest.fixture(scope="module")
 def sharp_ckpts(tmp_path_factory):
     """Llama 3.1 shape with peaked output distributions, as 1 and 2 shards."""
-    weights = random_weights(LLAMA31_PARAMS, 128256, seed=3)
-    weights["output.weight"] = weights["output.weight"] * SHARP_OUTPUT
     root = tmp_path_factory.mktemp("sharp")
-    out = {}
-    for shards in (1, 2):
-        out[shards] = root / f"mp{shards}"
-        save_consolidated(weights, LLAMA31_PARAMS, out[shards], shards, "vocab")
-        (out[shards] / "tokenizer.model").write_bytes(llama3_tokenizer_path().read_bytes())
-    return out
+    return {shards: write_sharp_checkpoint(root / f"mp{shards}", LLAMA31_PARAMS, llama3_tokenizer_path(), 128256,
+                                           shards, scale=SHARP_OUTPUT, seed=3)
+            for shards in (1, 2)}
 
 
 def greedy_job(ckpt):
