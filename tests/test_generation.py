@@ -113,7 +113,11 @@ def test_same_seed_gives_same_samples(llama3):
 
 
 def test_sampled_tokens_stay_inside_top_p_and_top_k(llama3):
-    """With top_p / top_k set, every sampled token is among the allowed ones of the full forward."""
+    """With top_p / top_k set, every sampled token is among the allowed ones of the full forward.
+    The full forward's logits differ from the decode steps' in the last bits (other product shapes),
+    which can move a token at the edge of the set: the edge gets a margin far above that (1e-4 of
+    probability mass for top_p, a relative 1e-4 of probability for top_k), far below what a sampler
+    that ignores the setting would need to pass."""
     tokens = llama3.tokenizer.encode(PROMPTS[1], bos=True, eos=False)
     gen = Llama(llama3.model, llama3.tokenizer, seed=3)
     for top_p, top_k in ((0.3, None), (1.0, 5)):
@@ -124,10 +128,10 @@ def test_sampled_tokens_stay_inside_top_p_and_top_k(llama3):
                 probs = full[len(tokens) - 1 + i].exp()
                 ranked = torch.sort(probs, descending=True)
                 if top_k:
-                    allowed = set(ranked.indices[:top_k].tolist())
+                    allowed = set(ranked.indices[ranked.values >= ranked.values[top_k - 1] * (1 - 1e-4)].tolist())
                 else:
                     before = torch.cumsum(ranked.values, 0) - ranked.values
-                    allowed = set(ranked.indices[before <= top_p].tolist())
+                    allowed = set(ranked.indices[before <= top_p + 1e-4].tolist())
                 assert token in allowed
 
 
