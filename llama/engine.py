@@ -7,9 +7,11 @@ at once. Requests come and go between steps, so the same engine runs Llama.gener
 and a server's continuous batching.
 
 A request's tokens do not depend on the other slots: every row attends only to its own cache row,
-and a request with a seed samples from its own torch.Generator. Requests without a seed and with
-the same settings are sampled in one call on torch's global generator, in slot order, as Meta's
-loop samples a batch.
+and a request with a seed samples from its own torch.Generator. Only up to the last bits, though:
+the batch's shape decides how the products sum, so a request's logits can differ in the last bits
+between batches, which can move a draw (or an argmax) between near-equal tokens (README, "What a
+seed does and does not promise"). Requests without a seed and with the same settings are sampled
+in one call on torch's global generator, in slot order, as Meta's loop samples a batch.
 
 The engine adds no communication: under torchrun every rank calls admit/step/release in the same
 order with the same arguments, and the model's collectives keep the ranks together.
