@@ -1,7 +1,7 @@
 """bf16 weights on CPU, applied in Llama.build to a bf16 model on CPU: every parallel linear layer
 multiplies through a Bf16Product, which keeps the weight as stored and sums in fp32.
 
-- Decode (up to GEMV_MAX_ROWS rows): our kernel (llama/csrc/bf16_gemv.cpp) widens each weight to
+- Decode (up to KERNEL_MAX_ROWS rows): our kernel (llama/csrc/bf16_gemv.cpp) widens each weight to
   fp32 in registers, so a step reads bf16's bytes, half of fp32's.
 - Prefill: the weight is widened to fp32 a slice of rows at a time and multiplied by the fp32
   matrix product. On CPUs without AVX-512 BF16, PyTorch's own bf16 product emulates bf16 and runs
@@ -19,7 +19,7 @@ from torch import nn
 from . import cpu_kernels
 from .layers import replace_products
 
-GEMV_MAX_ROWS = 8  # up to this many rows the weight-reading kernel wins; beyond, the matrix product
+KERNEL_MAX_ROWS = 8  # up to this many rows the weight-reading kernel wins; beyond, the matrix product
 WIDEN_BYTES = 64 << 20  # fp32 bytes of weight widened at once in prefill
 
 
@@ -37,7 +37,7 @@ class Bf16Product(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()
-        if self.kernel is not None and flat.shape[0] <= GEMV_MAX_ROWS:
+        if self.kernel is not None and flat.shape[0] <= KERNEL_MAX_ROWS:
             y = self.kernel(flat.contiguous(), self.weight)
         else:
             y = torch.cat([F.linear(flat, part.float()) for part in self.weight.split(self.rows_at_once)], dim=-1)
