@@ -160,7 +160,10 @@ def bench_load(args) -> Dict:
     start = time.perf_counter()
     generator = build_ours(args, max_batch_size=1)
     load_seconds = time.perf_counter() - start
-    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in generator.model.parameters()}
+    # Parameters and the products' buffers (quantized or bf16 weights); not the KV cache.
+    held = list(generator.model.parameters()) + [b for name, b in generator.model.named_buffers()
+                                                 if not name.endswith(("cache_k", "cache_v"))]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
     slice_bytes = sum(storages.values())  # a tied output layer shares the embedding's storage
     return {"runner": "load", "main": is_main_process(), "import_seconds": import_seconds,
             "read_seconds": read_seconds, "load_seconds": load_seconds, "rss_before_load": rss_before,
