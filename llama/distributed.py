@@ -11,7 +11,13 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+# Imported before any process group exists: its functions take `group=group.WORLD` as a default
+# argument, evaluated on import, and torch imports it lazily (with torch._dynamo, at the first
+# nn.Parameter); imported after init_process_group, those defaults would hold the default group,
+# which destroy_process_group() could then not free (see _destroy_process_groups).
+import torch.distributed.nn.functional  # noqa: F401
 from fairscale.nn.model_parallel.initialize import (
+    destroy_model_parallel,
     get_model_parallel_rank,
     get_model_parallel_world_size,
     initialize_model_parallel,
@@ -77,9 +83,7 @@ def init_model_parallel(device: torch.device, model_parallel_size: Optional[int]
             dist.init_process_group(backend, timeout=timeout)
         else:  # a plain `python script.py`: a group of one, no ports or env vars needed
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-        # Tear the group down before the interpreter exits: left to static destructors, gloo's
-        # worker threads can still be joinable and the process aborts ("terminate called ...").
-        atexit.register(_destroy_process_group)
+        atexit.register(_destroy_process_groups)
     world = dist.get_world_size()
     if model_parallel_size is None:
         model_parallel_size = world
@@ -104,9 +108,19 @@ def init_model_parallel(device: torch.device, model_parallel_size: Optional[int]
         )
 
 
-def _destroy_process_group() -> None:
+def _destroy_process_groups() -> None:
+    """At exit, while the interpreter is still whole: frees every process group, which joins its
+    gloo threads. A group is freed when its last reference goes, and destroy_process_group() drops
+    only torch's own: fairscale's module globals hold the model-parallel, data-parallel and
+    pipeline groups, so they are dropped first (and see the import of torch.distributed.nn.functional
+    above for the default group). Groups left alive keep their gloo threads running into the
+    interpreter's shutdown and C++'s static destructors, where now and then a rank whose work was
+    done aborted ("terminate called without an active exception", SIGABRT). tests/test_streaming.py
+    checks that no gloo thread is left once this has run."""
     if dist.is_initialized():
         sys.stdout.flush()
+        if model_parallel_is_initialized():
+            destroy_model_parallel()
         dist.destroy_process_group()
 
 

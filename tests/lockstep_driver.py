@@ -3,9 +3,12 @@ it saw to OUT.rankN.json, so the tests can compare the ranks.
 
 python -m torch.distributed.run ... tests/lockstep_driver.py CKPT_DIR OUT SCENARIO
 SCENARIO: "stream" (a stream with a stop string, and the batch call it must match) or
-"bad_inputs" (calls that must raise the same error on every rank)."""
+"bad_inputs" (calls that must raise the same error on every rank). On Linux every rank also
+saves the names of the threads still running after the exit handlers, to OUT.rankN.exit.json."""
 
+import atexit
 import json
+import os
 import sys
 
 import torch.distributed as dist
@@ -45,7 +48,30 @@ def bad_inputs(generator: Llama) -> dict:
     return {"errors": errors, "after": after}
 
 
+def native_threads() -> list:
+    """The names of this process's threads, as the kernel knows them (gloo names its own)."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # ended meanwhile
+            pass
+    return sorted(names)
+
+
+def record_threads_at_exit(path: str) -> None:
+    """Registered before Llama.build registers its own exit handlers, so it runs after them: what
+    is still running when the interpreter starts to shut down."""
+    def record() -> None:
+        with open(path, "w") as f:
+            json.dump(native_threads(), f)
+    atexit.register(record)
+
+
 def main(ckpt: str, out: str, scenario: str) -> None:
+    if os.path.isdir("/proc/self/task"):
+        record_threads_at_exit(f"{out}.rank{os.environ['RANK']}.exit.json")
     generator = Llama.build(ckpt, f"{ckpt}/tokenizer.model", max_seq_len=64, max_batch_size=2,
                             device="cpu", dtype="fp32", timeout=20)
     record = {"stream": stream, "bad_inputs": bad_inputs}[scenario](generator)
