@@ -8,8 +8,8 @@ of three x86 variants, the best this CPU can run chosen from its flags:
 - avx-vnni: AVX2 + the 256-bit VNNI (Intel since Alder Lake);
 - avx2: AVX2 + FMA + F16C (x86-64 CPUs of the last decade).
 
-All variants share the weight layouts and return the same bits (each lane computes the same sums in
-the same order). LLAMA_CPU_KERNELS=0 turns them off and LLAMA_CPU_KERNELS=<variant> asks for one;
+All variants share the weight layouts and compute each lane's sums in the same order, so their
+products agree to within rounding (the build's -ffast-math may contract operations differently). LLAMA_CPU_KERNELS=0 turns them off and LLAMA_CPU_KERNELS=<variant> asks for one;
 where none can run (another CPU, no compiler) `load()` returns the reason and the model runs on
 PyTorch's kernels (llama/quantize.py, llama/bf16.py, Attention in llama/model.py). Nothing here is
 downloaded.

@@ -202,8 +202,8 @@ def test_a_bf16_layer_multiplies_in_fp32_and_returns_bf16(rows, monkeypatch):
 
 
 def _products():
-    """The products every variant must compute to the avx2 variant's bits (the attention is only
-    close: the compiler vectorises its sums to each variant's width)."""
+    """The products every variant must compute as the avx2 variant does (the attention is checked
+    against PyTorch's only: the compiler vectorises its sums to each variant's width)."""
     torch.manual_seed(3)
     weight = gguf_round_trip(torch.randn(64, 256) * 0.05, GGMLQuantizationType.Q4_1)
     int4, int8 = Int4Product(weight, 32), Int8Product(weight)
@@ -214,13 +214,16 @@ def _products():
 
 
 @pytest.mark.parametrize("variant", [v for v in cpu_kernels.VARIANTS if v != BASELINE], ids=lambda v: v.name)
-def test_every_variant_returns_the_bits_of_the_avx2_one(variant):
+def test_every_variant_returns_the_avx2_ones_results(variant):
     missing = cpu_kernels.missing_flags(variant)
     if missing:
         pytest.skip(f"the {variant.name} variant needs CPU flags this CPU lacks: {', '.join(missing)}")
     assert cpu_kernels.load_variant(variant) is None and cpu_kernels.load_variant(BASELINE) is None
     for name, call, x in _products():
-        assert torch.equal(call(cpu_kernels.ops(variant), x), call(cpu_kernels.ops(BASELINE), x)), name
+        # Same layouts, same order of sums in every lane; -ffast-math leaves the compiler free to
+        # contract a multiply and an add differently per variant, so last-bit differences may remain.
+        torch.testing.assert_close(call(cpu_kernels.ops(variant), x), call(cpu_kernels.ops(BASELINE), x),
+                                   rtol=1e-6, atol=1e-6, msg=name)
 
 
 def test_the_variants_this_cpu_cannot_run_compile_here(tmp_path):

@@ -5,7 +5,8 @@
 //   (neither)          two 256-bit registers (AVX2 + FMA + F16C); the dot products by
 //                      vpmaddubsw + vpmaddwd, which give the same integers
 // Every kernel works on 16 lanes at a time (F32x16), or on parts of them (Part: the int4 product),
-// lane j always computing the same thing in the same order, so every variant returns the same bits.
+// lane j always computing the same thing in the same order, so every variant gives the same results
+// up to how the compiler contracts operations under -ffast-math.
 
 #pragma once
 
