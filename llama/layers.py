@@ -22,6 +22,8 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
+from . import stored
+
 # Up to this many rows (batch x new positions), a compiled CPU product is written as multiply-and-sum.
 # Beyond it the weights are reused across rows and the BLAS matrix product is faster.
 GEMV_MAX_ROWS = 4
@@ -99,27 +101,47 @@ class RowParallel(_Quantizable, RowParallelLinear):
         return _all_reduce(self._product(x))
 
 
-def _loaded(layer: nn.Module) -> bool:
-    return layer.weight is not None and not layer.weight.is_meta
+def _weight(layer: nn.Module):
+    """The layer's weight to make a product of: a weight stored quantized (`stored`, set while
+    loading), its float weight, or None when replaced already or not loaded yet (on meta)."""
+    stored = getattr(layer, "stored", None)
+    if stored is not None:
+        return stored
+    if layer.weight is None or layer.weight.is_meta:
+        return None
+    return layer.weight.detach()
 
 
-def replace_products(model: nn.Module, make: Callable[[torch.Tensor, bool], nn.Module]) -> None:
+def _drop_weight(layer: nn.Module) -> None:
+    layer.weight = None
+    layer.stored = None
+
+
+def replace_products(model: nn.Module, make: Callable[[object, bool], Optional[nn.Module]]) -> None:
     """Gives every parallel linear layer the product `make(weight, is_output_layer)` in place of its
-    float weight, layer by layer (or joined group by joined group), so only one layer or group is
-    held twice at once. Layers that read the same input (a module's SAME_INPUT: q, k and v; w1 and
-    w3) get one product for all their rows, on the first of them (its `joint`; see
-    column_products). Layers already replaced, or not loaded yet (on the meta device), are left
-    alone."""
+    weight (a float tensor, or a stored.QuantizedWeight), layer by layer (or joined group by
+    joined group), so only one layer or group is held twice at once; where `make` returns None the
+    layer keeps its weight. Layers that read the same input (a module's SAME_INPUT: q, k and v; w1
+    and w3) get one product for all their rows, on the first of them (its `joint`; see
+    column_products), when their weights can be joined (floats, or blocks of one type). Layers
+    already replaced, or not loaded yet (on the meta device), are left alone."""
     for module in list(model.modules()):
         layers = [getattr(module, name) for name in getattr(module, "SAME_INPUT", ())]
-        if layers and all(map(_loaded, layers)):
-            layers[0].joint = make(torch.cat([layer.weight.detach() for layer in layers]), False)
-            for layer in layers:
-                layer.weight = None
+        weights = [_weight(layer) for layer in layers]
+        if layers and all(w is not None for w in weights):
+            joined = stored.cat(weights, 0)
+            product = None if joined is None else make(joined, False)
+            if product is not None:
+                layers[0].joint = product
+                for layer in layers:
+                    _drop_weight(layer)
     for layer in model.modules():
-        if isinstance(layer, (ColumnParallel, RowParallel)) and _loaded(layer):
-            layer.product = make(layer.weight.detach(), layer is getattr(model, "output", None))
-            layer.weight = None
+        if isinstance(layer, (ColumnParallel, RowParallel)):
+            weight = _weight(layer)
+            product = None if weight is None else make(weight, layer is getattr(model, "output", None))
+            if product is not None:
+                layer.product = product
+                _drop_weight(layer)
 
 
 class VocabParallel(VocabParallelEmbedding):

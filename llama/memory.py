@@ -10,10 +10,11 @@ KV cache for max_batch_size x max_seq_len + RUNTIME_BYTES (PyTorch, the kernels,
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
+from . import blocks
 from .args import ModelArgs
 from .checkpoint import expected_shapes, rank_slice
 
@@ -41,15 +42,20 @@ def _quantized_bytes(numel: int, rows: int, int8: bool, group: int) -> int:
 
 
 def estimate(args: ModelArgs, world: int, rank: int, dtype: torch.dtype, tied: bool, embedding_split: str,
-             quantize: Optional[str] = None, group: int = 32) -> Estimate:
+             quantize: Optional[str] = None, group: int = 32, stored_types: Optional[Dict[str, str]] = None) -> Estimate:
     """One rank's memory. Float weights: its slice in `dtype`, plus LOAD_OVERHEAD while loading.
     Quantized: the embedding (and norms) in `dtype`, the linear layers quantized as they are read
-    (int4's output layer in int8), plus one block's float weights, or the output layer's, at once."""
+    (int4's output layer in int8), plus one block's float weights, or the output layer's, at once.
+    stored_types: the block type of each weight a checkpoint stores quantized (llama/stored.py),
+    which loads as int4 (4-bit blocks) or int8 (the others), the blocks read beside it."""
     bytes_per = torch.empty((), dtype=dtype).element_size()
+    stored_types = stored_types or {}
     held, block_float = 0, {}
     shapes = expected_shapes(args, tied=tied)
-    if tied and quantize:
+    if tied and (quantize or stored_types):
         shapes["output.weight"] = shapes["tok_embeddings.weight"]  # its own quantized copy
+        if "tok_embeddings.weight" in stored_types:
+            stored_types = {**stored_types, "output.weight": stored_types["tok_embeddings.weight"]}
     for key, shape in shapes.items():
         dim, start, end = rank_slice(key, args, rank, world, embedding_split)
         numel = 1
@@ -57,14 +63,25 @@ def estimate(args: ModelArgs, world: int, rank: int, dtype: torch.dtype, tied: b
             numel *= size
         if dim is not None:
             numel = numel // shape[dim] * (end - start)
-        if quantize and len(shape) == 2 and key != "tok_embeddings.weight":
-            rows = numel // shape[1] if dim != 1 else shape[0]
+        block = key.split(".")[1] if key.startswith("layers.") else key
+        qtype = stored_types.get(key)
+        linear = len(shape) == 2 and key != "tok_embeddings.weight"
+        rows = numel // shape[-1] if dim != 1 else shape[0]
+        if linear and qtype:
+            int4 = qtype in blocks.INT4_TYPES
+            held += _quantized_bytes(numel, rows, not int4, 32)
+            read = int(blocks.bits_per_weight(qtype, shape[1]) * numel / 8) + (0 if int4 or qtype == blocks.I8_ROW
+                                                                           else 4 * numel)  # requantized from fp32
+            block_float[block] = block_float.get(block, 0) + read
+        elif linear and quantize:
             held += _quantized_bytes(numel, rows, quantize == "int8" or key == "output.weight", group)
-            block = key.split(".")[1] if key.startswith("layers.") else key
             block_float[block] = block_float.get(block, 0) + numel * bytes_per
         else:
             held += numel * bytes_per
-    loading = max(block_float.values(), default=0) if quantize else int(held * (LOAD_OVERHEAD - 1))
+            if qtype:  # a stored-quantized embedding is dequantized through fp32
+                block_float[block] = block_float.get(block, 0) + 4 * numel
+    quantized = bool(quantize or stored_types)
+    loading = max(block_float.values(), default=0) if quantized else int(held * (LOAD_OVERHEAD - 1))
     kv_heads = max(1, args.n_kv_heads // world)
     kv = 2 * args.n_layers * args.max_batch_size * args.max_seq_len * kv_heads * args.head_dim * bytes_per
     return Estimate(held, loading, kv, RUNTIME_BYTES)

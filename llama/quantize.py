@@ -21,14 +21,16 @@ Each rank quantizes its own slice, so a row-parallel slice must hold whole group
 refuses a rank count that cuts one. The embedding table stays as it is (a step reads one row).
 """
 
-from typing import List, Optional, Tuple
+from collections import Counter
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from . import cpu_kernels
+from . import blocks, cpu_kernels
 from .args import ModelArgs
 from .layers import replace_products
+from .stored import QuantizedWeight, Record
 
 QUANTIZE_CHOICES = (None, "int8", "int4")
 # Groups of 32 match GGUF's Q4_1 blocks and hold perplexity closest to fp32; on SmolLM2 and this CPU
@@ -81,6 +83,42 @@ def check_quantize(quantize: Optional[str], group: int, args: ModelArgs, world_s
                          f"groups; rank counts that can: {can} (or choose a smaller quant_group)")
 
 
+def check_stored(record: Optional[Record], quantize: Optional[str], args: ModelArgs, world_size: int,
+                 device: torch.device) -> Optional[str]:
+    """A checkpoint stored quantized (llama/stored.py) runs as stored. Returns None for an all-float
+    checkpoint, else how it was made; refuses, before any weight is read, another `quantize`, a
+    device our products do not run on, and a rank count that would cut a block."""
+    if record is None:
+        return None
+    if quantize is not None and quantize != record.mode:
+        raise ValueError(f"this checkpoint is stored quantized ({record.made_by}), so it cannot also be quantized "
+                         f"as {quantize}; run it without quantize / --quantize, or convert its source again "
+                         f"(python -m llama.convert --quantize {quantize}, or --dtype bf16 for floats)")
+    if device.type != "cpu":
+        raise ValueError(f"this checkpoint is stored quantized ({record.made_by}), which runs on CPU only; run it "
+                         f"with device='cpu', or convert its source to floats (python -m llama.convert --dtype bf16)")
+    row_parallel = {"attention.wo.weight": args.n_heads * args.head_dim, "feed_forward.w2.weight": args.ffn_hidden_dim}
+    for key, qtype in record.types.items():
+        suffix = key.split(".", 2)[-1]
+        block = blocks.TYPES.get(qtype, (1, 0))[0]
+        if suffix in row_parallel and (row_parallel[suffix] // world_size) % block:
+            fits = [w for w in range(1, args.n_heads + 1)
+                    if args.n_heads % w == 0 and (row_parallel[suffix] // w) % block == 0]
+            raise ValueError(f"this checkpoint's {key} is stored as {qtype} blocks of {block} inputs, which "
+                             f"{world_size} ranks would cut ({row_parallel[suffix]} inputs); rank counts that can "
+                             f"run it: {fits}")
+    return record.mode or "blocks"
+
+
+def int8_codes(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 of (out, in) weights by rows: (codes (out, in) int8, scales (out,) fp32),
+    w ~ codes * scale; a slice of rows at a time, so only a slice is held in fp32."""
+    scales = torch.cat([part.float().abs().amax(dim=1) for part in _row_slices(weight)]).clamp(min=1e-12) / 127
+    codes = torch.cat([torch.round(part.float() / part_scales[:, None]).clamp(-127, 127).to(torch.int8)
+                       for part, part_scales in zip(_row_slices(weight), _row_slices(scales))])
+    return codes, scales
+
+
 def int4_codes(weight: torch.Tensor, group: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Min-max asymmetric int4 of (out, in) weights by groups of `group` inputs: (codes (out, in)
     int32 in 0..15, scales (out, in // group), mins (out, in // group)), w ~ codes * scale + min."""
@@ -92,11 +130,12 @@ def int4_codes(weight: torch.Tensor, group: int) -> Tuple[torch.Tensor, torch.Te
     return codes.reshape(rows, cols), scales, low
 
 
+Parts = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # int4 codes, scales, mins of some rows
 ROWS_PER_BLOCK = 16  # our kernels' layouts hold output rows in blocks of 16
 
 
-def _ours(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.shape[0] % ROWS_PER_BLOCK == 0 and cpu_kernels.load() is None
+def _ours(rows: int, device: torch.device) -> bool:
+    return device.type == "cpu" and rows % ROWS_PER_BLOCK == 0 and cpu_kernels.load() is None
 
 
 def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -111,14 +150,26 @@ def _row_slices(x: torch.Tensor):
 
 
 class Int8Product(nn.Module):
+    """int8 codes with one scale per output row. Int8Product(weight) quantizes a float weight;
+    Int8Product.from_codes takes codes already made (a checkpoint stored quantized)."""
+
+    origin = "quantized here"  # how the codes were made, for the "Loaded" line
+
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        rows, cols = weight.shape
+        self._store(*int8_codes(weight))
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor) -> "Int8Product":
+        product = cls.__new__(cls)
+        nn.Module.__init__(product)
+        product._store(codes, scales.float())
+        return product
+
+    def _store(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        rows, cols = codes.shape
         self.out_features = rows
-        self.ours = _ours(weight)
-        scales = torch.cat([part.float().abs().amax(dim=1) for part in _row_slices(weight)]).clamp(min=1e-12) / 127
-        codes = torch.cat([torch.round(part.float() / part_scales[:, None]).clamp(-127, 127).to(torch.int8)
-                           for part, part_scales in zip(_row_slices(weight), _row_slices(scales))])
+        self.ours = _ours(rows, codes.device)
         if self.ours:  # (rows / 16, cols, 16): 16 rows side by side, one input after another
             codes = codes.reshape(rows // ROWS_PER_BLOCK, ROWS_PER_BLOCK, cols).transpose(1, 2).contiguous()
         self.register_buffer("weight", codes)
@@ -143,14 +194,30 @@ class Int8Product(nn.Module):
 
 
 class Int4Product(nn.Module):
+    """int4 codes with a scale and a min per group of inputs. Int4Product(weight, group) quantizes a
+    float weight; Int4Product.from_parts takes codes already made (a checkpoint stored quantized)."""
+
+    origin = "quantized here"  # how the codes were made, for the "Loaded" line
+
     def __init__(self, weight: torch.Tensor, group: int):
         super().__init__()
+        self._store(lambda: (int4_codes(part, group) for part in _row_slices(weight)), group, weight.shape[0],
+                    weight.device)
+
+    @classmethod
+    def from_parts(cls, parts: Callable[[], Iterable[Parts]], group: int, rows: int) -> "Int4Product":
+        """parts(): (codes, scales, mins) of consecutive row slices, as int4_codes returns them."""
+        product = cls.__new__(cls)
+        nn.Module.__init__(product)
+        product._store(parts, group, rows, torch.device("cpu"))
+        return product
+
+    def _store(self, parts: Callable[[], Iterable[Parts]], group: int, rows: int, device: torch.device) -> None:
         self.group = group
-        self.out_features = weight.shape[0]
-        self.ours = _ours(weight)
+        self.out_features = rows
+        self.ours = _ours(rows, device)
         packed = []
-        for part in _row_slices(weight) if self.ours else ():  # a slice at a time: small float copies
-            codes, scales, mins = int4_codes(part, group)
+        for codes, scales, mins in parts() if self.ours else ():  # a slice at a time: small copies
             # fp16 holds the scales and mins of real weights (GGUF stores them so); odd ones go the other way.
             if not torch.isfinite(torch.cat([scales, mins]).half()).all():
                 self.ours = False
@@ -159,13 +226,13 @@ class Int4Product(nn.Module):
         self.kernel = cpu_kernels.ops().int4_gemv if self.ours else None
         if self.ours:
             self.register_buffer("packed", torch.cat(packed))
-        else:
-            codes, scales, mins = int4_codes(weight, group)
-            self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes, 1))
-            # The kernel reads w = (q - 8) * scale + zero, so zero is the value of the middle code.
-            zeros = mins + 8 * scales
-            self.register_buffer("scales_and_zeros", torch.stack([scales.t(), zeros.t()], dim=-1)
-                                 .to(torch.bfloat16).contiguous())  # (in // group, out, 2)
+            return
+        codes, scales, mins = (torch.cat(values) for values in zip(*parts()))
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes, 1))
+        # The kernel reads w = (q - 8) * scale + zero, so zero is the value of the middle code.
+        zeros = mins + 8 * scales
+        self.register_buffer("scales_and_zeros", torch.stack([scales.t(), zeros.t()], dim=-1)
+                             .to(torch.bfloat16).contiguous())  # (in // group, out, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ours:
@@ -216,14 +283,66 @@ def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return weights.reshape(blocks * ROWS_PER_BLOCK, subgroups * SUBGROUP)
 
 
+def stored_product(weight: QuantizedWeight) -> nn.Module:
+    """The product of a weight stored quantized (llama/stored.py): 4-bit blocks become our int4
+    with the same codes (Q4_K's scales d * sc are rounded to fp16 where fp16 cannot hold them:
+    the origin says so), our I8_ROW rows our int8 as they are, other blocks (Q5_K, Q6_K, Q8_0) are
+    dequantized and requantized to int8 per row (the origin says so)."""
+    qtype = weight.qtype
+    if qtype in blocks.INT4_TYPES:
+        rounded = []
+
+        def parts():
+            for raw in weight.raw.split(SLICE_ROWS):
+                codes, scales, mins = blocks.int4_parts(raw, qtype)
+                rounded.append(any(bool((v.half().float() != v).any()) for v in (scales, mins)))
+                yield codes, scales, mins
+
+        product = Int4Product.from_parts(parts, SUBGROUP, weight.shape[0])
+        product.origin = f"{qtype} as int4" + (" (scales rounded to fp16)" if any(rounded) else "")
+    elif qtype == blocks.I8_ROW:
+        product = Int8Product.from_codes(*blocks.i8_row_parts(weight.raw))
+        product.origin = "int8 as stored"
+    else:
+        product = Int8Product(weight.dequantize())
+        product.origin = f"{qtype} requantized to int8"
+    return product
+
+
+def stored_blocks(weight: torch.Tensor, quantize: str, group: int) -> QuantizedWeight:
+    """The blocks llama.convert --quantize stores for a float weight: exactly the codes Llama.build
+    (quantize=...) makes at load, as Q4_1 (int4: its fp16 scales and mins, a larger group's repeated
+    for each 32 inputs) or I8_ROW (int8)."""
+    if quantize == "int8":
+        return QuantizedWeight(blocks.encode_i8_row(*int8_codes(weight)), blocks.I8_ROW)
+
+    def q4_1(part: torch.Tensor) -> torch.Tensor:
+        codes, scales, mins = int4_codes(part, group)
+        per_32 = [values.repeat_interleave(group // SUBGROUP, dim=1).half().float() for values in (scales, mins)]
+        return blocks.encode_q4_1(codes, *per_32)
+
+    return QuantizedWeight(torch.cat([q4_1(part) for part in _row_slices(weight)]), "Q4_1")
+
+
+def describe_stored(model: nn.Module) -> str:
+    """How a checkpoint stored quantized runs, e.g. "stored quantized: 112 Q4_K as int4, 50 Q6_K
+    requantized to int8, our kernels (avx2)"."""
+    origins = Counter(m.origin for m in model.modules() if isinstance(m, (Int4Product, Int8Product)))
+    kinds = ", ".join(f"{count} {origin}" for origin, count in sorted(origins.items()))
+    return f"stored quantized: {kinds}, {cpu_kernels.describe()}"
+
+
 def quantize_model(model: nn.Module, quantize: Optional[str], group: int = DEFAULT_GROUP) -> None:
     """Replaces every parallel linear layer's weight by its quantized product (replace_products:
     one layer or joined group at a time, q/k/v and w1/w3 joined). A tied output layer gets its own
-    quantized copy; with int4, the output layer is int8 (see above)."""
-    if quantize is None:
-        return
+    quantized copy; with int4, the output layer is int8 (see above). Weights stored quantized get
+    their stored_product whatever `quantize` says; with quantize None, float weights stay float."""
 
-    def product(weight: torch.Tensor, is_output: bool) -> nn.Module:
+    def product(weight, is_output: bool) -> Optional[nn.Module]:
+        if isinstance(weight, QuantizedWeight):
+            return stored_product(weight)
+        if quantize is None:
+            return None
         return Int8Product(weight) if quantize == "int8" or is_output else Int4Product(weight, group)
 
     replace_products(model, product)

@@ -117,7 +117,7 @@ def smollm2_ckpt(tmp_path_factory):
     from llama.convert import convert
 
     out = tmp_path_factory.mktemp("smollm2") / "mp3"
-    convert(smollm2_gguf(), out, shards=3, progress=False)
+    convert(smollm2_gguf(), out, shards=3, dtype="fp32", progress=False)
     return out
 
 

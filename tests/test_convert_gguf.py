@@ -104,8 +104,9 @@ def _stored(array: np.ndarray, qtype) -> np.ndarray:
 
 
 def write_llama_gguf(path, meta_state, *, n_heads=4, n_kv_heads=2, arch="llama", extra_kv=None,
-                     extra_tensors=None, types=None, pre="smollm", merges=()):
-    """A GGUF holding Meta-layout tensors under llama.cpp's names, with llama.cpp's metadata keys."""
+                     extra_tensors=None, types=None, pre="smollm", merges=(), raw_blocks=None):
+    """A GGUF holding Meta-layout tensors under llama.cpp's names, with llama.cpp's metadata keys.
+    raw_blocks: GGUF name -> (uint8 array (rows, row bytes), type), written in place of that tensor."""
     types = types or {}
     writer = GGUFWriter(str(path), arch)
     dim = meta_state["tok_embeddings.weight"].shape[1]
@@ -136,6 +137,8 @@ def write_llama_gguf(path, meta_state, *, n_heads=4, n_kv_heads=2, arch="llama",
         name = gguf_name(key)
         qtype = types.get(name, _type_of(name))
         data = _stored(tensor.float().numpy(), qtype)
+        if name in (raw_blocks or {}):
+            data, qtype = raw_blocks[name]
         stored[key] = (data, qtype)
         writer.add_tensor(name, data, raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
     for name, array in (extra_tensors or {}).items():

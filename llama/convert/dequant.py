@@ -1,6 +1,7 @@
-"""Turning one GGUF tensor into a torch tensor: plain floats are copied as they are, block-quantized
-types are expanded to fp32 by the `gguf` package (every weight of a block is scale * q (+ min),
-which fp32 holds exactly).
+"""Turning one GGUF tensor into a torch tensor: plain floats are copied as they are; block-quantized
+types are kept as their blocks (a stored.QuantizedWeight, llama/blocks.py reads them), or expanded
+to fp32 when floats are asked for (every weight of a block is scale * q (+ min), which fp32 holds
+exactly).
 
 Which types are read is a deliberate list: each is checked against hand-made blocks in the tests.
 """
@@ -10,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf.quants import dequantize as gguf_dequantize
 
-BLOCK_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1)
+from ..stored import QuantizedWeight
+
+BLOCK_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 SUPPORTED = (Q.F32, Q.F16, Q.BF16) + BLOCK_TYPES
 
 
@@ -30,8 +32,16 @@ def check_supported(name: str, qtype, path: Path) -> None:
         )
 
 
+def blocks_of(tensor, path: Path) -> QuantizedWeight:
+    """A block-quantized gguf ReaderTensor as its blocks: (rows, bytes per row), as the file holds them."""
+    check_supported(tensor.name, tensor.tensor_type, path)
+    rows = int(np.prod([int(n) for n in tensor.shape[1:]]))
+    # A copy: the file is mapped read-only, and torch wants tensors it may write to.
+    return QuantizedWeight(torch.from_numpy(np.array(tensor.data).reshape(rows, -1)), tensor.tensor_type.name)
+
+
 def to_torch(tensor, path: Path) -> torch.Tensor:
-    """A gguf ReaderTensor as a torch tensor of its logical shape (rows, columns)."""
+    """A gguf ReaderTensor as a torch tensor of its logical shape (rows, columns), blocks expanded."""
     check_supported(tensor.name, tensor.tensor_type, path)
     shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
     data = tensor.data
@@ -44,5 +54,4 @@ def to_torch(tensor, path: Path) -> torch.Tensor:
     if tensor.tensor_type == Q.BF16:  # bf16 is the top half of an fp32: reinterpret the raw 16-bit words
         words = np.array(data).view(np.int16)
         return torch.from_numpy(words.reshape(shape)).view(torch.bfloat16)
-    array = gguf_dequantize(np.asarray(data), tensor.tensor_type)
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).reshape(shape))
+    return blocks_of(tensor, path).dequantize().reshape(shape)

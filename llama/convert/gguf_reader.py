@@ -8,10 +8,11 @@ which permutes them the other way for its own model, check this).
 """
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 
+from ..stored import QuantizedWeight
 from . import params as meta
 from .source import Source
 
@@ -67,8 +68,9 @@ class GGUFSource(Source):
         self.dtype = self._stored_dtype()
 
     def _stored_dtype(self) -> torch.dtype:
-        """fp16/bf16 when every matrix is stored so, else fp32 (which holds dequantized blocks exactly)."""
-        kinds = {t.tensor_type for t in self.reader.tensors if len(t.shape) > 1}
+        """Of the tensors stored as floats: fp16/bf16 when every float matrix is stored so, else fp32
+        (which also holds dequantized blocks exactly)."""
+        kinds = {t.tensor_type for t in self.reader.tensors if len(t.shape) > 1} - set(dequant.BLOCK_TYPES)
         half = {dequant.Q.F16: torch.float16, dequant.Q.BF16: torch.bfloat16}
         return half[kinds.pop()] if len(kinds) == 1 and kinds <= set(half) else torch.float32
 
@@ -146,8 +148,11 @@ class GGUFSource(Source):
     def files(self) -> List[Path]:
         return [self.path]
 
-    def read(self, key: str) -> torch.Tensor:
-        return dequant.to_torch(self.by_name[gguf_name(key)], self.path)
+    def read(self, key: str) -> Union[torch.Tensor, QuantizedWeight]:
+        tensor = self.by_name[gguf_name(key)]
+        if tensor.tensor_type in dequant.BLOCK_TYPES:
+            return dequant.blocks_of(tensor, self.path)
+        return dequant.to_torch(tensor, self.path)
 
     def write_tokenizer(self, out_dir: Path) -> str:
         return write_gguf_tokenizer(self, out_dir)

@@ -2,22 +2,24 @@
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Tuple, Union
 
 import torch
 
 from ..args import ModelArgs
 from ..checkpoint import expected_shapes
+from ..stored import QuantizedWeight
 
 
 class Source(ABC):
     """A model to convert: Meta's params.json, then full tensors under Meta's names and in Meta's
-    layout (interleaved RoPE pairs), read one at a time, and the tokenizer."""
+    layout (interleaved RoPE pairs), read one at a time (floats, or a stored.QuantizedWeight for
+    a weight the source holds as quantized blocks), and the tokenizer."""
 
     path: Path
     params: dict  # Meta's params.json, vocab_size included
     tied: bool  # no output.weight: the output projection reuses tok_embeddings
-    dtype: torch.dtype  # the precision the weights are stored in (fp32 for block-quantized ones)
+    dtype: torch.dtype  # the precision the float weights are stored in
 
     @property
     def args(self) -> ModelArgs:
@@ -32,10 +34,10 @@ class Source(ABC):
         """The files this model is read from (their identity tells one model from another)."""
 
     @abstractmethod
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str) -> Union[torch.Tensor, QuantizedWeight]:
         """The full tensor under Meta's name `key`, in Meta's layout."""
 
-    def tensors(self) -> Iterator[Tuple[str, torch.Tensor]]:
+    def tensors(self) -> Iterator[Tuple[str, Union[torch.Tensor, QuantizedWeight]]]:
         for key, shape in self.shapes().items():
             tensor = self.read(key)
             if tuple(tensor.shape) != shape:
