@@ -178,9 +178,10 @@ class Llama:
         wait_for_all_ranks()  # loading can take much longer on some ranks than the collective timeout
         if stored_mode:
             mode = [describe_stored(model)]
+        elif quantize:
+            mode = [describe(quantize, quant_group)]
         else:
-            mode = [describe(quantize, quant_group) if quantize else str(dtype).replace("torch.", "")]
-        mode += [cpu_kernels.describe()] if quantize is None and bf16.usable(device, dtype) else []
+            mode = [str(dtype).replace("torch.", "")] + ([cpu_kernels.describe()] if bf16.usable(device, dtype) else [])
         mode += ["compiled decode step"] if compile else []
         print(f"Loaded in {time.time() - start:.2f} seconds ({', '.join(mode)})")
         return Llama(model, tokenizer, prefill=prefill)
