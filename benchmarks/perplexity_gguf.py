@@ -25,7 +25,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.perplexity import print_table  # noqa: E402
+sys.path.insert(0, str(REPO / "benchmarks"))
+from perplexity import print_table  # noqa: E402  benchmarks/perplexity.py
 
 
 def windows(tokens, window):

@@ -1,5 +1,5 @@
 """llama.cpp's block-quantized weight matrices, decoded from their raw bytes with torch alone (the
-runtime does not need the `gguf` package): GGUF's Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, and our own
+runtime does not need the `gguf` package): GGUF's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, and our own
 I8_ROW.
 
 A quantized matrix of logical shape (rows, cols) is a torch.uint8 tensor (rows, row_bytes): each row
@@ -10,6 +10,9 @@ first, then the n high ones.
 
 - Q4_0 (32 weights, 18 bytes): d fp16 [0:2], nibbles [2:18]; w = d * (q - 8).
 - Q4_1 (32, 20): d fp16 [0:2], m fp16 [2:4], nibbles [4:20]; w = d * q + m.
+- Q5_0 (32, 22): d fp16 [0:2], qh [2:6] (bit i of this little-endian word: the fifth bit, 16, of
+  weight i), nibbles [6:22]; w = d * (q - 16).
+- Q5_1 (32, 24): d fp16 [0:2], m fp16 [2:4], qh [4:8], nibbles [8:24]; w = d * q + m.
 - Q8_0 (32, 34): d fp16 [0:2], 32 int8 codes [2:34]; w = d * q.
 - Q4_K (256, 144): eight sub-blocks of 32 weights. d fp16 [0:2], dmin fp16 [2:4], 12 bytes b [4:16]
   packing a 6-bit scale sc and min m per sub-block, codes [16:144] as 4 x 32 bytes of nibbles (64
@@ -35,7 +38,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 TYPES: Dict[str, Tuple[int, int]] = {  # name -> (weights a block, bytes a block), as GGUF's GGML_QUANT_SIZES
-    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34),
+    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
     "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
 }
 I8_ROW = "I8_ROW"
@@ -151,6 +154,21 @@ def _q4_1(blocks: torch.Tensor) -> Parts:
     return _nibbles(blocks[..., 4:]), _fp16(blocks[..., 0:2]), _fp16(blocks[..., 2:4])
 
 
+def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    """4 bytes (a little-endian 32-bit word) -> bit i of it for weight i, as 16 or 0."""
+    return torch.stack([(qh >> i) & 1 for i in range(8)], dim=-1).flatten(-2) << 4
+
+
+def _q5_0(blocks: torch.Tensor) -> Parts:
+    d = _fp16(blocks[..., 0:2])
+    return _nibbles(blocks[..., 6:]) | _fifth_bits(blocks[..., 2:6]), d, -16 * d
+
+
+def _q5_1(blocks: torch.Tensor) -> Parts:
+    return (_nibbles(blocks[..., 8:]) | _fifth_bits(blocks[..., 4:8]), _fp16(blocks[..., 0:2]),
+            _fp16(blocks[..., 2:4]))
+
+
 def _q8_0(blocks: torch.Tensor) -> Parts:
     return blocks[..., 2:].view(torch.int8), _fp16(blocks[..., 0:2]), None
 
@@ -188,7 +206,7 @@ def _q6_k(blocks: torch.Tensor) -> Parts:
     return codes, _fp16(blocks[..., 208:210]) * blocks[..., 192:208].view(torch.int8), None
 
 
-_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
 
 
 def _parts(raw: torch.Tensor, qtype: str) -> Parts:

@@ -286,7 +286,7 @@ def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 def stored_product(weight: QuantizedWeight) -> nn.Module:
     """The product of a weight stored quantized (llama/stored.py): 4-bit blocks become our int4
     with the same codes (Q4_K's scales d * sc are rounded to fp16 where fp16 cannot hold them:
-    the origin says so), our I8_ROW rows our int8 as they are, other blocks (Q5_K, Q6_K, Q8_0) are
+    the origin says so), our I8_ROW rows our int8 as they are, other blocks (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0) are
     dequantized and requantized to int8 per row (the origin says so)."""
     qtype = weight.qtype
     if qtype in blocks.INT4_TYPES:

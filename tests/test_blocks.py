@@ -20,8 +20,8 @@ from llama.blocks import (  # noqa: E402
 )
 
 ROWS, COLS = 4, 512  # two super-blocks a row for the K types
-GGUF_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
-FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # offsets
+GGUF_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # offsets
 
 
 def random_matrix(qtype: str, seed: int = 0) -> torch.Tensor:
@@ -158,7 +158,7 @@ def test_row_bytes_and_logical_cols():
 
 
 def test_bits_per_weight():
-    want = {"Q4_0": 4.5, "Q4_1": 5.0, "Q8_0": 8.5, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625}
+    want = {"Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625}
     assert {qtype: bits_per_weight(qtype, COLS) for qtype in GGUF_TYPES} == want
     assert bits_per_weight(I8_ROW, COLS) == 8 + 32 / COLS
 

@@ -217,8 +217,8 @@ def _refused(meta_state, tmp_path, match, **gguf_options):
 
 
 def test_unsupported_quant_type_is_refused(meta_state, tmp_path):
-    _refused(meta_state, tmp_path, r"'blk\.0\.attn_q\.weight' is stored as Q5_0.*reads F32, F16, BF16, Q8_0",
-             types={"blk.0.attn_q.weight": Q.Q5_0})
+    _refused(meta_state, tmp_path, r"'blk\.0\.attn_q\.weight' is stored as IQ4_NL.*reads F32, F16, BF16, Q8_0",
+             raw_blocks={"blk.0.attn_q.weight": (np.zeros((64, 2 * 18), np.uint8), Q.IQ4_NL)})
 
 
 def test_other_rope_factors_are_refused(meta_state, tmp_path):

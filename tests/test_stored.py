@@ -26,10 +26,10 @@ from .test_convert_gguf import write_llama_gguf  # noqa: E402
 DIM, FFN, HEADS, KV_HEADS, VOCAB = 512, 1024, 8, 4, 258  # K-quant rows hold whole 256-weight blocks
 # A Q4_K_M-like mix, with every type somewhere; layer 1's q/k/v and w1/w3 share a type, so they join.
 TYPES = {"token_embd": "Q6_K", "output": "Q8_0",
-         "blk.0.attn_q": "Q4_K", "blk.0.attn_k": "Q4_K", "blk.0.attn_v": "Q6_K", "blk.0.attn_output": "Q4_K",
+         "blk.0.attn_q": "Q4_K", "blk.0.attn_k": "Q4_K", "blk.0.attn_v": "Q6_K", "blk.0.attn_output": "Q5_0",
          "blk.0.ffn_gate": "Q4_K", "blk.0.ffn_up": "Q5_K", "blk.0.ffn_down": "Q6_K",
          "blk.1.attn_q": "Q4_1", "blk.1.attn_k": "Q4_1", "blk.1.attn_v": "Q4_1", "blk.1.attn_output": "Q4_0",
-         "blk.1.ffn_gate": "Q4_K", "blk.1.ffn_up": "Q4_K", "blk.1.ffn_down": "Q4_K"}
+         "blk.1.ffn_gate": "Q4_K", "blk.1.ffn_up": "Q4_K", "blk.1.ffn_down": "Q5_1"}
 
 
 def random_blocks(qtype: str, rows: int, cols: int, seed: int) -> np.ndarray:
@@ -183,9 +183,10 @@ def test_a_stored_checkpoint_refuses_what_it_cannot_do(kquant_ckpt):
     args = load_params(kquant_ckpt, max_seq_len=32, max_batch_size=1)
     with pytest.raises(ValueError, match="runs on CPU only"):
         check_stored(record, None, args, 1, torch.device("cuda"))
-    # wo holds 512 inputs as Q4_K blocks of 256: 4 ranks would hold half a block each.
-    with pytest.raises(ValueError, match=r"Q4_K blocks of 256 inputs.*rank counts that can run it: \[1, 2\]"):
-        check_stored(record, None, args, 4, torch.device("cpu"))
+    # w2 holds 1024 inputs as Q6_K blocks of 256: 8 ranks would hold half a block each.
+    with pytest.raises(ValueError, match=r"w2.weight is stored as Q6_K blocks of 256 inputs.*rank counts that can "
+                                         r"run it: \[1, 2, 4\]"):
+        check_stored(record, None, args, 8, torch.device("cpu"))
 
 
 def test_the_memory_estimate_counts_stored_blocks_as_loaded(kquant_ckpt):
