@@ -14,8 +14,6 @@ page cache is dropped for the files before each load, so every load reads from d
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import time
@@ -23,19 +21,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def drop_from_page_cache(paths) -> None:
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+from bench_generate import drop_from_page_cache, peak_rss_bytes as peak_rss  # noqa: E402
 
 
 def prompt(n: int):
