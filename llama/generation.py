@@ -112,7 +112,9 @@ class Llama:
         groups of 32 for the dot products, as llama.cpp does). Opt-in: results move slightly (SmolLM2's
         perplexity: +0.3% for int8, +0.5% for int4); the "Loaded" line names the mode and kernels.
         quant_group: int4's group size, 32 (default), 64, 128 or 256; each rank's slice of a layer
-        must hold whole groups.
+        must hold whole groups. A checkpoint stored quantized (llama/stored.py: a GGUF's blocks
+        kept by llama.convert, or llama.convert --quantize) runs as stored, on CPU; quantize must
+        then be None or the mode it was stored in.
         prefill: "together" (default) prefills every prompt of a batch in one pass; "reference"
         runs Meta's loop (prefill up to the shortest prompt, then one position per step for every
         row), kept for comparison. Greedy outputs are the same either way."""
