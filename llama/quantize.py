@@ -22,7 +22,7 @@ refuses a rank count that cuts one. The embedding table stays as it is (a step r
 """
 
 from collections import Counter
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -50,8 +50,15 @@ def describe(quantize: Optional[str], group: int) -> str:
     return f"{mode}, {cpu_kernels.describe()}, bf16 activations"
 
 
-def _row_parallel_in_features(args: ModelArgs) -> List[int]:
-    return [args.n_heads * args.head_dim, args.ffn_hidden_dim]
+def _row_parallel_in_features(args: ModelArgs) -> Dict[str, int]:
+    """The input width of each row-parallel layer, the one a rank's slice cuts."""
+    return {"attention.wo.weight": args.n_heads * args.head_dim, "feed_forward.w2.weight": args.ffn_hidden_dim}
+
+
+def _rank_counts(args: ModelArgs, block: int, widths: List[int]) -> List[int]:
+    """The rank counts whose slices of these input widths hold whole blocks of `block`."""
+    return [w for w in range(1, args.n_heads + 1)
+            if args.n_heads % w == 0 and all(n % w == 0 and (n // w) % block == 0 for n in widths)]
 
 
 def check_quantize(quantize: Optional[str], group: int, args: ModelArgs, world_size: int,
@@ -73,13 +80,11 @@ def check_quantize(quantize: Optional[str], group: int, args: ModelArgs, world_s
         raise ValueError(f"quant_group={group} does not divide the model's dim={args.dim}; use one of "
                          f"{[g for g in GROUP_CHOICES if args.dim % g == 0] or 'none: this model cannot run int4'}")
 
-    def fits(world: int) -> bool:
-        return all(n % world == 0 and (n // world) % group == 0 for n in _row_parallel_in_features(args))
-
-    if not fits(world_size):
-        can = [w for w in range(1, args.n_heads + 1) if args.n_heads % w == 0 and fits(w)]
+    widths = list(_row_parallel_in_features(args).values())
+    can = _rank_counts(args, group, widths)
+    if world_size not in can:
         raise ValueError(f"int4 with quant_group={group} cannot run on {world_size} ranks: a rank's slice of the "
-                         f"row-parallel layers ({_row_parallel_in_features(args)} input features) must hold whole "
+                         f"row-parallel layers ({widths} input features) must hold whole "
                          f"groups; rank counts that can: {can} (or choose a smaller quant_group)")
 
 
@@ -97,16 +102,14 @@ def check_stored(record: Optional[Record], quantize: Optional[str], args: ModelA
     if device.type != "cpu":
         raise ValueError(f"this checkpoint is stored quantized ({record.made_by}), which runs on CPU only; run it "
                          f"with device='cpu', or convert its source to floats (python -m llama.convert --dtype bf16)")
-    row_parallel = {"attention.wo.weight": args.n_heads * args.head_dim, "feed_forward.w2.weight": args.ffn_hidden_dim}
+    row_parallel = _row_parallel_in_features(args)
     for key, qtype in record.types.items():
-        suffix = key.split(".", 2)[-1]
-        block = blocks.TYPES.get(qtype, (1, 0))[0]
-        if suffix in row_parallel and (row_parallel[suffix] // world_size) % block:
-            fits = [w for w in range(1, args.n_heads + 1)
-                    if args.n_heads % w == 0 and (row_parallel[suffix] // w) % block == 0]
+        width = row_parallel.get(key.split(".", 2)[-1])
+        block = blocks.TYPES.get(qtype, (1, 0))[0]  # I8_ROW: any cut
+        if width is not None and (width // world_size) % block:
             raise ValueError(f"this checkpoint's {key} is stored as {qtype} blocks of {block} inputs, which "
-                             f"{world_size} ranks would cut ({row_parallel[suffix]} inputs); rank counts that can "
-                             f"run it: {fits}")
+                             f"{world_size} ranks would cut ({width} inputs); rank counts that can "
+                             f"run it: {_rank_counts(args, block, [width])}")
     return record.mode or "blocks"
 
 
@@ -172,7 +175,7 @@ class Int8Product(nn.Module):
         self.ours = _ours(rows, codes.device)
         if self.ours:  # (rows / 16, cols, 16): 16 rows side by side, one input after another
             codes = codes.reshape(rows // ROWS_PER_BLOCK, ROWS_PER_BLOCK, cols).transpose(1, 2).contiguous()
-        self.register_buffer("weight", codes)
+        self.register_buffer("weight", codes.contiguous())  # stored rows are views of codes + scale
         self.register_buffer("scales", scales if self.ours else scales.to(torch.bfloat16))
         self.kernel = cpu_kernels.ops().int8_gemv if self.ours else None
 

@@ -142,13 +142,19 @@ def test_stored_blocks_run_as_the_weights_gguf_decodes(kquant_gguf, kquant_ckpt,
         want = reference_weight(blocks, key)
         got = _weights_of(product)[rows]
         qtype = TYPES[gguf_name(key).removesuffix(".weight")]
-        if qtype in ("Q4_0", "Q4_1"):
+        if qtype in ("Q4_0", "Q4_1") and product.ours:
             assert torch.equal(got, want), key  # the same codes, scales and mins
-        elif qtype == "Q4_K":  # scales d * sc and mins dmin * m rounded to fp16: by 2^-11 of each at most
+        elif qtype in ("Q4_0", "Q4_1", "Q4_K"):
+            # Our kernels: Q4_K's scales d * sc and mins dmin * m rounded to fp16, by 2^-11 of each at
+            # most. PyTorch's (no kernels of ours here): scale and zero (min + 8 scale) in bf16, 2^-8,
+            # and its weights read back through a bf16 product, another 2^-8 of each.
             raw, _ = blocks[gguf_name(key)]
             codes, scales, mins = int4_parts(torch.from_numpy(raw), qtype)
             parts = (codes.reshape(*scales.shape, 32) * scales[..., None]).abs() + mins.abs()[..., None]
-            assert ((got - want).abs() <= parts.reshape(want.shape) * 2 ** -11 + 1e-9).all(), key
+            parts = parts + (0 if product.ours else 16 * scales.abs()[..., None])
+            rounding = 2 ** -11 if product.ours else 2 ** -8
+            read_back = 0 if product.ours else got.abs() * 2 ** -8
+            assert ((got - want).abs() <= parts.reshape(want.shape) * rounding + read_back + 1e-9).all(), key
         else:  # requantized per row: half an int8 step (PyTorch's kernel also keeps the scale in bf16)
             step = want.abs().amax(dim=1, keepdim=True) / 127
             bf16_scale = 0 if product.ours else 2 ** -8
@@ -218,7 +224,14 @@ def test_quantize_once_stores_the_products_quantize_makes(smollm2_fp32_one_shard
     from_disk = _build(out).model
     buffers = dict(from_disk.named_buffers())
     assert sorted(buffers) == sorted(name for name, _ in at_load.named_buffers())
+    # With our kernels both hold fp16 scales: equal bits. PyTorch's int4 kernel keeps them in bf16,
+    # rounded from fp32 at load but from the stored fp16 here: the codes are still equal.
+    ours = all(m.ours for m in at_load.modules() if isinstance(m, (Int4Product, Int8Product)))
     for name, buffer in at_load.named_buffers():
-        assert torch.equal(buffer, buffers[name]), name
+        if ours or not name.endswith("scales_and_zeros"):
+            assert torch.equal(buffer, buffers[name]), name
+        else:
+            assert torch.allclose(buffer.float(), buffers[name].float(), rtol=2 ** -7, atol=0), name
     tokens = torch.tensor([[1, 504, 3458, 5925, 30, 6877]])
-    assert torch.equal(at_load.forward(tokens, 0), from_disk.forward(tokens, 0))
+    logits = at_load.forward(tokens, 0), from_disk.forward(tokens, 0)
+    assert torch.equal(*logits) if ours else torch.allclose(*logits, rtol=0.02, atol=0.1)
