@@ -14,13 +14,11 @@ import contextlib
 import gc
 import io
 import json
-import math
 import re
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -29,28 +27,20 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from perplexity import print_table  # noqa: E402  benchmarks/perplexity.py
 
 
-def windows(tokens, window):
-    for start in range(0, len(tokens), window):
-        chunk = tokens[start:start + window]
-        if len(chunk) >= 2:  # a lone last token has nothing to predict it from
-            yield chunk
-
-
 def llamacpp_perplexity(gguf: Path, tokens, window: int, threads: int) -> float:
     from llama_cpp import Llama as LlamaCpp
 
+    from llama.perplexity import windowed_perplexity
+
     model = LlamaCpp(model_path=str(gguf), n_ctx=window, n_batch=window, n_threads=threads, logits_all=True,
                      verbose=False)
-    total, scored = 0.0, 0
-    for chunk in windows(tokens, window):
+
+    def logits_of(chunk):
         model.reset()
         model.eval(chunk)
-        logits = torch.tensor(model.scores[: len(chunk) - 1], dtype=torch.float32)
-        ids = torch.tensor(chunk[1:])
-        total += float(-F.log_softmax(logits, -1).gather(-1, ids[:, None]).double().sum())
-        scored += len(chunk) - 1
-    del model
-    return math.exp(total / scored)
+        return torch.tensor(model.scores[: len(chunk)], dtype=torch.float32)
+
+    return windowed_perplexity(tokens, window, logits_of)
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Perplexity of a model on a text: how well it predicts each next token."""
 
 import math
+from typing import Callable, List
 
 import torch
 import torch.nn.functional as F
@@ -15,14 +16,24 @@ def perplexity(generator, text: str, window: int) -> float:
     if not isinstance(window, int) or isinstance(window, bool) or not 2 <= window <= max_seq_len:
         raise ValueError(f"window must be an integer from 2 to max_seq_len={max_seq_len}, got {window!r}")
     tokens = generator.tokenizer.encode(text, bos=True, eos=False)
+
+    def logits_of(chunk: List[int]) -> torch.Tensor:
+        return generator.model(torch.tensor([chunk], device=generator.device), 0)[0]
+
+    return windowed_perplexity(tokens, window, logits_of)
+
+
+def windowed_perplexity(tokens: List[int], window: int, logits_of: Callable[[List[int]], torch.Tensor]) -> float:
+    """The scoring above for any runner: logits_of(chunk) gives the (len(chunk), vocab) logits of a
+    fresh forward over chunk (benchmarks/perplexity_gguf.py passes llama.cpp's)."""
     total, scored = 0.0, 0
     for start in range(0, len(tokens), window):
         chunk = tokens[start:start + window]
         if len(chunk) < 2:  # a lone last token has nothing to predict it from
             continue
-        ids = torch.tensor([chunk], device=generator.device)
-        logits = generator.model(ids, 0)[0, :-1]
-        nll = -F.log_softmax(logits.float(), dim=-1).gather(-1, ids[0, 1:, None])
+        logits = logits_of(chunk)[:-1]
+        ids = torch.tensor(chunk[1:], device=logits.device)
+        nll = -F.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, None])
         total += float(nll.double().sum())
         scored += len(chunk) - 1
     if scored == 0:

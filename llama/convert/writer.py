@@ -83,10 +83,6 @@ def _publish(staging: Path, out: Path) -> None:
         raise FileExistsError(f"--out {out} appeared while converting ({e}); nothing was replaced") from None
 
 
-LINEAR_SUFFIXES = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
-                   "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")
-
-
 def _final_form(key: str, tensor: WeightValue, dtype: torch.dtype, keep_blocks: bool, quantize: Optional[str],
                 group: int) -> WeightValue:
     """What is written for one tensor: blocks kept as the source holds them (dtype auto), floats in
@@ -95,7 +91,7 @@ def _final_form(key: str, tensor: WeightValue, dtype: torch.dtype, keep_blocks: 
         if keep_blocks:
             return tensor
         tensor = tensor.dequantize()
-    if quantize and (key == "output.weight" or key.endswith(LINEAR_SUFFIXES)):
+    if quantize and tensor.dim() == 2 and key != "tok_embeddings.weight":  # the linear layers
         return stored_blocks(tensor, "int8" if key == "output.weight" else quantize, group)
     return tensor.to(dtype)
 
