@@ -6,6 +6,9 @@ running request its newest token at its own position and samples the next; `rele
 at once. Requests come and go between steps, so the same engine runs Llama.generate's fixed batches
 and a server's continuous batching.
 
+The engine decides only what needs the model: slots, positions, stop tokens and budgets. What a
+request's events become (text, stop strings, results) is llama/outputs.py's job.
+
 A request's tokens do not depend on the other slots: every row attends only to its own cache row,
 and a request with a seed samples from its own torch.Generator. Only up to the last bits, though:
 the batch's shape decides how the products sum, so a request's logits can differ in the last bits
@@ -28,6 +31,20 @@ from .model import Transformer
 from .sampling import check_sampling, sample_next
 
 
+class Finish:
+    """Why a request ended: one vocabulary from the engine to the APIs (the server maps it to
+    OpenAI's "stop" / "length")."""
+    STOP_TOKEN = "stop_token"  # the model chose a stop token (decided here; the token is not output)
+    LENGTH = "length"  # max_new_tokens or the context reached (decided here)
+    STOP_STRING = "stop_string"  # a stop string appeared in the text (decided by llama/outputs.py)
+
+
+# How admit() prefills a batch. "together": every prompt whole, in one forward. "reference": Meta's
+# loop: the shortest prompt's length together, then one position per step for every row, a row
+# fed its own prompt tokens while they last (what was sampled for it there is dropped).
+PREFILL_POLICIES = ("together", "reference")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded. temperature 0 is greedy; top_k None or 0 is off."""
@@ -39,7 +56,7 @@ class SamplingParams:
     max_new_tokens: Optional[int] = None  # None: until the context (max_seq_len) is full
     logprobs: bool = False  # the log-probability of each new token
     top_logprobs: int = 0  # also the k most likely (token, logprob) at each new token
-    prompt_logprobs: bool = False  # the prompt tokens' log-probabilities (echo), on the admit event
+    prompt_logprobs: bool = False  # the prompt tokens' log-probabilities (echo), with the first event
     stop_tokens: Tuple[int, ...] = ()  # tokens that end the request (tokenizer.stop_tokens)
 
 
@@ -57,9 +74,9 @@ class TokenEvent:
     token: the new token, part of the output; None when the request ended without one (a stop
         token, which is not output, or no room for any new token).
     logprob / top_logprobs: when asked for; log-probabilities under the raw (untempered) logits.
-    finish_reason: None while the request goes on; "stop" (a stop token) or "length"
+    finish_reason: None while the request goes on; Finish.STOP_TOKEN or Finish.LENGTH
         (max_new_tokens or the context reached) when it ended with this event.
-    prompt_logprobs: on the admit event of a request that asked for them: one per prompt token,
+    prompt_logprobs: on the request's first event, when it asked for them: one per prompt token,
         0.0 for the first."""
 
     request_id: Hashable
@@ -73,16 +90,75 @@ class TokenEvent:
 class _Slot:
     """A request in its cache row: where its next token goes, and how many it may still add."""
 
-    def __init__(self, request: Request, budget: int, device: torch.device):
+    def __init__(self, request: Request, prefilled: int, budget: int, device: torch.device):
         self.request = request
-        self.position = len(request.prompt)  # where the next fed token is written
+        self.params = request.params
+        self.position = prefilled  # where the next fed token is written
+        self.forced = list(request.prompt[prefilled:])  # prompt tokens still to feed, one per step
         self.last: Optional[int] = None  # the newest token, fed at the next step
         self.budget = budget  # new tokens it may add
         self.generated = 0
         self.finished = False
+        self.prompt_logprobs: Optional[List[float]] = None  # until handed out with the first event
         self.stop_tokens = frozenset(request.params.stop_tokens)
         seed = request.params.seed
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+    @property
+    def sampling_group(self) -> tuple:
+        """Slots with the same key are sampled in one call (a seeded one alone, on its generator)."""
+        p = self.params
+        return ("seed", id(self)) if p.seed is not None and p.temperature > 0 else (p.temperature, p.top_p, p.top_k)
+
+    def feed_prompt(self, token: int, logprob: Optional[float]) -> Optional[TokenEvent]:
+        """Takes its next prompt token (prefill="reference"); an event only if that ends it."""
+        self.last = token
+        if self.params.prompt_logprobs:
+            self.prompt_logprobs.append(logprob)
+        if not self.forced and self.budget == 0:  # the whole prompt seen, no room for a new token
+            return self.end(Finish.LENGTH)
+        return None
+
+    def add(self, token: int, logprob: Optional[float], top: Optional[List[Tuple[int, float]]]) -> TokenEvent:
+        """Takes a sampled token: the event of a new output token, or of its end."""
+        if token in self.stop_tokens:  # ends the request; the stop token is not output
+            return self.end(Finish.STOP_TOKEN)
+        self.last = token
+        self.generated += 1
+        return self._event(token, logprob if self.params.logprobs else None, top,
+                           Finish.LENGTH if self.generated == self.budget else None)
+
+    def end(self, reason: str) -> TokenEvent:
+        """The event of its end without a new token."""
+        return self._event(None, finish_reason=reason)
+
+    def _event(self, token: Optional[int], logprob: Optional[float] = None,
+               top: Optional[List[Tuple[int, float]]] = None, finish_reason: Optional[str] = None) -> TokenEvent:
+        event = TokenEvent(self.request.id, token, logprob, top, finish_reason, self.prompt_logprobs)
+        self.prompt_logprobs = None  # handed out with the first event only
+        return event
+
+
+class _Logprobs:
+    """Log-probabilities under the raw logits, for the rows that asked: computed in one pass."""
+
+    def __init__(self, rows: List[int], logits: torch.Tensor, chosen: torch.Tensor):
+        self._index = {row: n for n, row in enumerate(rows)}
+        self._all = self._chosen = None
+        if rows:
+            index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+            self._all = F.log_softmax(logits[index].float(), dim=-1)
+            self._chosen = self._all.gather(-1, chosen[index].unsqueeze(-1)).squeeze(-1).tolist()
+
+    def chosen(self, row: int) -> Optional[float]:
+        n = self._index.get(row)
+        return None if n is None else self._chosen[n]
+
+    def top(self, row: int, k: int) -> Optional[List[Tuple[int, float]]]:
+        if not k:
+            return None
+        values, ids = torch.topk(self._all[self._index[row]], min(k, self._all.shape[-1]))
+        return list(zip(ids.tolist(), values.tolist()))
 
 
 class Engine:
@@ -115,54 +191,58 @@ class Engine:
         return request_id in self._slot_of
 
     @torch.inference_mode()
-    def admit(self, requests: Sequence[Request]) -> List[TokenEvent]:
+    def admit(self, requests: Sequence[Request], prefill: str = "together") -> List[TokenEvent]:
         """Prefills the requests together into the lowest free slots and samples each one's first
-        token. Returns one event per request, in order."""
-        self._check(requests)
+        token. Returns one event per request that moved on, in order: under prefill="reference" a
+        request still feeding its prompt has none yet (see PREFILL_POLICIES)."""
+        self._check(requests, prefill)
         free = [i for i, s in enumerate(self._slots) if s is None][:len(requests)]
         lengths = [len(r.prompt) for r in requests]
-        tokens = torch.zeros((len(requests), max(lengths)), dtype=torch.long)
-        for row, r in enumerate(requests):
-            tokens[row, :len(r.prompt)] = torch.tensor(list(r.prompt), dtype=torch.long)
-        tokens = tokens.to(self.device)
-        # The first rows in order need no row index (the cache is then read as a view).
-        rows = None if free == list(range(len(free))) else torch.tensor(free, device=self.device)
-        last_index = torch.tensor(lengths, device=self.device) - 1
-        # Right padding writes keys past a prompt's end, which that row overwrites before reading.
-        prompt_logprobs: List[Optional[List[float]]] = [None] * len(requests)
-        if any(r.params.prompt_logprobs for r in requests):
-            logits = self.model(tokens, 0, kv_len=max(lengths), rows=rows)
-            all_logprobs = token_logprobs(logits[:, :-1], tokens[:, 1:]).tolist()
-            for row, r in enumerate(requests):
-                if r.params.prompt_logprobs:
-                    prompt_logprobs[row] = [0.0] + all_logprobs[row][:lengths[row] - 1]
-            last = logits[torch.arange(len(requests), device=self.device), last_index]
-        else:
-            last = self.model(tokens, 0, last_index=last_index, kv_len=max(lengths), rows=rows)
-
-        for slot, r in zip(free, requests):
+        if prefill == "reference":
+            lengths = [min(lengths)] * len(requests)
+        for slot, r, n in zip(free, requests, lengths):
             room = self.max_seq_len - len(r.prompt)
             budget = room if r.params.max_new_tokens is None else min(r.params.max_new_tokens, room)
-            self._slots[slot] = _Slot(r, budget, self.device)
+            self._slots[slot] = _Slot(r, n, budget, self.device)
             self._slot_of[r.id] = slot
+        last = self._prefill(free, lengths)
         events = {}
-        for slot, r in zip(free, requests):
-            if self._slots[slot].budget == 0:  # prefilled (for prompt logprobs), nothing to add
-                events[slot] = TokenEvent(r.id, None, finish_reason="length")
+        for slot in free:
+            s = self._slots[slot]
+            if s.budget == 0 and not s.forced:  # prefilled (for prompt logprobs), nothing to add
+                events[slot] = s.end(Finish.LENGTH)
                 self._finish(slot)
         kept = [row for row, slot in enumerate(free) if self._slots[slot] is not None]
         if any(not self._slots[free[row]].finished for row in kept):
             if len(kept) < len(free):
                 last = last[torch.tensor(kept, dtype=torch.long, device=self.device)]
             events.update(self._sample([free[row] for row in kept], last))
-        for slot, lps in zip(free, prompt_logprobs):
-            events[slot].prompt_logprobs = lps
-        return [events[slot] for slot in free]
+        return [events[slot] for slot in free if slot in events]
+
+    def _prefill(self, slots: List[int], lengths: List[int]) -> torch.Tensor:
+        """Runs each slot's first lengths[row] prompt tokens through the model into its cache row;
+        returns each row's logits after its last one, and records prompt logprobs where asked."""
+        tokens = torch.zeros((len(slots), max(lengths)), dtype=torch.long)
+        for row, (slot, n) in enumerate(zip(slots, lengths)):
+            tokens[row, :n] = torch.tensor(list(self._slots[slot].request.prompt[:n]), dtype=torch.long)
+        tokens = tokens.to(self.device)
+        # The first rows in order need no row index (the cache is then read as a view).
+        rows = None if slots == list(range(len(slots))) else torch.tensor(slots, device=self.device)
+        last_index = torch.tensor(lengths, device=self.device) - 1
+        # Right padding writes keys past a prompt's end, which that row overwrites before reading.
+        if not any(self._slots[slot].params.prompt_logprobs for slot in slots):
+            return self.model(tokens, 0, last_index=last_index, kv_len=max(lengths), rows=rows)
+        logits = self.model(tokens, 0, kv_len=max(lengths), rows=rows)
+        logprobs = token_logprobs(logits[:, :-1], tokens[:, 1:]).tolist()
+        for row, (slot, n) in enumerate(zip(slots, lengths)):
+            if self._slots[slot].params.prompt_logprobs:
+                self._slots[slot].prompt_logprobs = [0.0] + logprobs[row][:n - 1]
+        return logits[torch.arange(len(slots), device=self.device), last_index]
 
     @torch.inference_mode()
     def step(self) -> List[TokenEvent]:
         """One decode step for every running request: feeds its newest token and samples the next.
-        Returns one event per running request, in slot order."""
+        Returns one event per request that moved on, in slot order."""
         fault_point("step")
         occupied = [i for i, s in enumerate(self._slots) if s is not None]
         if not any(not self._slots[i].finished for i in occupied):
@@ -192,7 +272,9 @@ class Engine:
         self._slots[slot] = None
         return True
 
-    def _check(self, requests: Sequence[Request]) -> None:
+    def _check(self, requests: Sequence[Request], prefill: str) -> None:
+        if prefill not in PREFILL_POLICIES:
+            raise ValueError(f"unknown prefill={prefill!r}; use one of {PREFILL_POLICIES}")
         if len(requests) == 0:
             raise ValueError("admit() needs at least one request")
         if len(requests) > self.free_slots:
@@ -217,56 +299,46 @@ class Engine:
                 raise ValueError(f"request {r.id!r}: top_logprobs must be an integer >= 0, got {p.top_logprobs!r}")
 
     def _sample(self, slots: List[int], logits: torch.Tensor) -> Dict[int, TokenEvent]:
-        """Samples a token for each of `slots` (logits row by row) and records it; returns the
-        events of the slots still running. Unseeded slots with the same settings are sampled in
-        one call, in slot order; a seeded one alone, from its own generator."""
+        """Picks the next token of each of `slots` (logits row by row) and moves the running ones
+        on; returns the events of those that moved on (not the ones still feeding their prompt)."""
+        chosen = self._draw([self._slots[i] for i in slots], logits)
+        running = [(row, self._slots[i]) for row, i in enumerate(slots) if not self._slots[i].finished]
+        forced = set()
+        for row, s in running:  # a slot still feeding its prompt takes its next prompt token instead
+            if s.forced:
+                chosen[row] = s.forced.pop(0)
+                forced.add(row)
+        want = [row for row, s in running if s.params.logprobs or s.params.top_logprobs
+                or (row in forced and s.params.prompt_logprobs)]
+        logprobs = _Logprobs(want, logits, chosen)
+        tokens = chosen.tolist()
+        events = {}
+        for row, s in running:
+            if row in forced:
+                event = s.feed_prompt(tokens[row], logprobs.chosen(row))
+            else:
+                event = s.add(tokens[row], logprobs.chosen(row), logprobs.top(row, s.params.top_logprobs))
+            if event is not None:
+                events[slots[row]] = event
+                if event.finish_reason is not None:
+                    self._finish(slots[row])
+        return events
+
+    def _draw(self, slots: List[_Slot], logits: torch.Tensor) -> torch.Tensor:
+        """One sampled token per row: unseeded slots with the same settings in one call, in slot
+        order (held finished ones too, as Meta's loop draws for every row); a seeded one alone."""
         groups: Dict[tuple, List[int]] = {}
-        for row, i in enumerate(slots):
-            p = self._slots[i].request.params
-            seeded = p.seed is not None and p.temperature > 0
-            key = ("seed", i) if seeded else (p.temperature, p.top_p, p.top_k)
-            groups.setdefault(key, []).append(row)
+        for row, s in enumerate(slots):
+            groups.setdefault(s.sampling_group, []).append(row)
+        if len(groups) == 1:
+            p = slots[0].params
+            return sample_next(logits, p.temperature, p.top_p, p.top_k, slots[0].generator)
         chosen = torch.empty(len(slots), dtype=torch.long, device=logits.device)
         for rows in groups.values():
-            s = self._slots[slots[rows[0]]]
-            p = s.request.params
-            if len(rows) == len(slots):
-                chosen = sample_next(logits, p.temperature, p.top_p, p.top_k, s.generator)
-            else:
-                index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-                chosen[index] = sample_next(logits[index], p.temperature, p.top_p, p.top_k, s.generator)
-        tokens = chosen.tolist()
-
-        running = [row for row, i in enumerate(slots) if not self._slots[i].finished]
-        want = [row for row in running if self._slots[slots[row]].request.params.logprobs
-                or self._slots[slots[row]].request.params.top_logprobs]
-        if want:
-            index = torch.tensor(want, dtype=torch.long, device=logits.device)
-            logprobs = F.log_softmax(logits[index].float(), dim=-1)
-            chosen_logprobs = dict(zip(want, logprobs.gather(-1, chosen[index].unsqueeze(-1)).squeeze(-1).tolist()))
-        events = {}
-        for row in running:
-            i = slots[row]
-            s = self._slots[i]
-            token = tokens[row]
-            if token in s.stop_tokens:  # ends the request; the stop token is not output
-                events[i] = TokenEvent(s.request.id, None, finish_reason="stop")
-                self._finish(i)
-                continue
-            event = TokenEvent(s.request.id, token)
-            if s.request.params.logprobs:
-                event.logprob = chosen_logprobs[row]
-            k = s.request.params.top_logprobs
-            if k:
-                values, ids = torch.topk(logprobs[want.index(row)], min(k, logprobs.shape[-1]))
-                event.top_logprobs = list(zip(ids.tolist(), values.tolist()))
-            s.last = token
-            s.generated += 1
-            if s.generated == s.budget:
-                event.finish_reason = "length"
-                self._finish(i)
-            events[i] = event
-        return events
+            p, generator = slots[rows[0]].params, slots[rows[0]].generator
+            index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+            chosen[index] = sample_next(logits[index], p.temperature, p.top_p, p.top_k, generator)
+        return chosen
 
     def _finish(self, slot: int) -> None:
         if self.hold_finished:

@@ -23,13 +23,14 @@ from .chat_format import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERR
                           ChatFormat, Dialog, Message, Role)
 from .checkpoint import ShardedCheckpoint, assign_weights, check_world_size, iter_rank_weights
 from .distributed import init_model_parallel, placement, resolve_device, resolve_dtype, silence_other_ranks
-from .engine import Engine, Request, SamplingParams, token_logprobs
+from .engine import PREFILL_POLICIES, Engine, Request, SamplingParams
 from .lockstep import (DEFAULT_TIMEOUT, check_same_inputs, check_timeout, fault_point, start_watchdog,
                        wait_for_all_ranks)
 from .model import Transformer, skeleton
 from .quantize import DEFAULT_GROUP, check_quantize, check_stored, describe, describe_stored, quantize_model
-from .sampling import check_sampling, sample_next, sample_top_p  # noqa: F401
-from .streaming import TextStream, check_stop, invalid_utf8_errors
+from .outputs import RequestOutput
+from .sampling import check_sampling, sample_top_p  # noqa: F401
+from .streaming import check_stop, invalid_utf8_errors
 from .tokenizer import Tokenizer
 
 
@@ -62,9 +63,6 @@ class StreamPiece(TypedDict):
     text: str
     finish_reason: Optional[str]
     result: Optional[dict]
-
-
-PREFILL_CHOICES = ("together", "reference")
 
 
 def _positive_int(name: str, value) -> None:
@@ -122,8 +120,8 @@ class Llama:
         _positive_int("max_batch_size", max_batch_size)
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be True or False, got {compile!r}")
-        if prefill not in PREFILL_CHOICES:
-            raise ValueError(f"unknown prefill={prefill!r}; use one of {PREFILL_CHOICES}")
+        if prefill not in PREFILL_POLICIES:
+            raise ValueError(f"unknown prefill={prefill!r}; use one of {PREFILL_POLICIES}")
         timeout = check_timeout(timeout)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
@@ -225,11 +223,11 @@ class Llama:
         run in consecutive batches."""
         check_same_inputs("generate() arguments", (prompt_tokens, max_gen_len, temperature, top_p, logprobs,
                                                    echo, top_k), self.device)
-        seqs = self._sequences(prompt_tokens, max_gen_len, temperature, top_p, top_k, echo)
-        for _ in self._decode(seqs, temperature, top_p, top_k, logprobs, echo):
+        sampling, outputs = self._requests(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo)
+        for _ in self._decode(sampling, outputs):
             pass
-        return ([s.output_tokens(echo) for s in seqs],
-                [s.output_logprobs(echo) for s in seqs] if logprobs else None)
+        return ([o.output_tokens(echo) for o in outputs],
+                [o.output_logprobs(echo) for o in outputs] if logprobs else None)
 
     def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]) -> None:
         params = self.model.params
@@ -250,113 +248,45 @@ class Llama:
             if min(tokens) < 0 or max(tokens) >= params.vocab_size:
                 raise ValueError(f"prompt {i} holds token ids outside [0, {params.vocab_size})")
 
-    def _sequences(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, echo, stop: Sequence[str] = (),
-                   watch_text: bool = False) -> List["_Sequence"]:
-        """Checks the arguments and sets up one _Sequence per prompt. watch_text: follow each
-        sequence's text as it grows (streaming, stop strings)."""
-        params = self.model.params
+    def _requests(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs: bool, echo: bool,
+                  stop: Sequence[str] = (), watch_text: bool = False) -> Tuple[SamplingParams, List[RequestOutput]]:
+        """Checks the arguments; returns how to sample and one RequestOutput per prompt.
+        watch_text: follow each output's text as it grows (streaming, stop strings)."""
         check_sampling(temperature, top_p, top_k)
         if max_gen_len is None:
-            max_gen_len = params.max_seq_len - 1
-        if not isinstance(max_gen_len, int) or max_gen_len < 0:
+            max_gen_len = self.model.params.max_seq_len - 1
+        if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
         self._check_prompts(prompt_tokens)
-        seqs = []
-        for i, prompt in enumerate(prompt_tokens):
-            text = None
-            if watch_text:
-                text = TextStream(self.tokenizer, stop, prefix=prompt if echo else (), errors=self._utf8_errors)
-            budget = min(max_gen_len, params.max_seq_len - len(prompt))  # new tokens it may add
-            seqs.append(_Sequence(i, list(prompt), budget, text))
-        return seqs
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_gen_len,
+                                  logprobs=logprobs, prompt_logprobs=logprobs and echo,
+                                  stop_tokens=tuple(self.tokenizer.stop_tokens))
+        outputs = [RequestOutput(self.tokenizer, prompt, stop=stop, watch_text=watch_text, echo=echo,
+                                 errors=self._utf8_errors) for prompt in prompt_tokens]
+        return sampling, outputs
 
-    def _decode(self, seqs: List["_Sequence"], temperature, top_p, top_k, want_logprobs: bool,
-                echo: bool) -> Iterator[List["_Sequence"]]:
+    def _decode(self, sampling: SamplingParams, outputs: List[RequestOutput]) -> Iterator[range]:
         """The decoding loop that generate, the completions and their streams all run: batches of at
-        most max_batch_size sequences, one after another. Yields the current batch after every
-        step (each unfinished sequence has one more token, or has ended) and once when it is done."""
+        most max_batch_size requests through the engine, one batch after another, each admitted
+        whole (under this Llama's prefill policy) and stepped until every output has finished. A
+        finished request stays in its slot (see Engine) until its batch ends. Yields the indices
+        of the current batch after every step."""
         batch_size = self.model.params.max_batch_size
-        decode_batch = self._decode_batch_reference if self.prefill == "reference" else self._decode_batch
-        for first in range(0, len(seqs), batch_size):
-            yield from decode_batch(seqs[first:first + batch_size], temperature, top_p, top_k, want_logprobs, echo)
-
-    def _decode_batch(self, seqs: List["_Sequence"], temperature, top_p, top_k, want_logprobs, echo):
-        """One batch through the engine: all prompts admitted together, then one step at a time
-        until every sequence has ended (a finished one stays in its slot, see Engine)."""
-        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, logprobs=want_logprobs,
-                                prompt_logprobs=want_logprobs and echo,
-                                stop_tokens=tuple(self.tokenizer.stop_tokens))
-        try:
-            events = self.engine.admit([Request(row, s.prompt, dataclasses.replace(params, max_new_tokens=s.budget))
-                                        for row, s in enumerate(seqs)])
-            while True:
-                for event in events:
-                    s = seqs[event.request_id]
-                    if event.prompt_logprobs is not None:
-                        s.prompt_logprobs = event.prompt_logprobs
-                    if not s.done:  # one that ended on a stop string still decodes, unseen
-                        s.add(event.token, event.logprob)
-                yield seqs
-                if all(s.done for s in seqs):
-                    break
-                events = self.engine.step()
-        finally:  # also when a stream is dropped half-way
-            for row in range(len(seqs)):
-                self.engine.release(row)
-        yield seqs
-
-    def _prefill(self, seqs: List["_Sequence"], tokens: torch.Tensor, lengths: List[int],
-                 prompt_logprobs: bool) -> torch.Tensor:
-        """Runs the first lengths[row] tokens of each row of `tokens` through the model from
-        position 0; returns each row's logits after its last one. prompt_logprobs: also record
-        the log-probability of each of those tokens (echo with logprobs)."""
-        last_index = torch.tensor(lengths, device=self.device) - 1
-        if not prompt_logprobs:
-            return self.model(tokens, 0, last_index=last_index, kv_len=max(lengths))
-        logits = self.model(tokens, 0, kv_len=max(lengths))
-        logprobs = token_logprobs(logits[:, :-1], tokens[:, 1:]).tolist()
-        for s, n, lps in zip(seqs, lengths, logprobs):
-            s.prompt_logprobs = [0.0] + lps[:n - 1]
-        return logits[torch.arange(len(seqs)), last_index]
-
-    @torch.inference_mode()
-    def _decode_batch_reference(self, seqs: List["_Sequence"], temperature, top_p, top_k, want_logprobs, echo):
-        """Meta's reference loop, kept so that prefilling together can be measured against it:
-        prefill only up to the shortest prompt, then move every row one position per step, feeding
-        a row its own prompt token while its prompt lasts (what was sampled for it is dropped)."""
-        max_seq_len = self.model.params.max_seq_len
-        lengths = [len(s.prompt) for s in seqs]
-        shortest = min(lengths)
-        prefix = torch.tensor([s.prompt[:shortest] for s in seqs], dtype=torch.long, device=self.device)
-        last = self._prefill(seqs, prefix, [shortest] * len(seqs), want_logprobs and echo)
-
-        stop_tokens = set(self.tokenizer.stop_tokens)
-        position = shortest  # of the token chosen in this step, the same for every row
-        while not all(s.done for s in seqs):
-            fault_point("step")
-            next_tokens = sample_next(last, temperature, top_p, top_k)
-            in_prompt = [position < n for n in lengths]
-            if any(in_prompt):
-                forced = [s.prompt[position] if inside else 0 for s, inside in zip(seqs, in_prompt)]
-                mask = torch.tensor(in_prompt, device=self.device)
-                next_tokens = torch.where(mask, torch.tensor(forced, device=self.device), next_tokens)
-            chosen = next_tokens.tolist()
-            chosen_logprobs = token_logprobs(last, next_tokens).tolist() if want_logprobs else [None] * len(seqs)
-            for s, inside, token, logprob in zip(seqs, in_prompt, chosen, chosen_logprobs):
-                if inside:
-                    if want_logprobs and echo:
-                        s.prompt_logprobs.append(logprob)
-                elif not s.done:
-                    s.add(None if token in stop_tokens else token, logprob)
-            yield seqs
-            if all(s.done for s in seqs):
-                break
-            feed = torch.tensor(chosen, device=self.device).unsqueeze(1)
-            step_position = min(position, max_seq_len - 1)  # finished rows idle in place
-            last = self.model(feed, step_position, last_index=torch.zeros(len(seqs), dtype=torch.long),
-                              kv_len=step_position + 1)
-            position += 1
-        yield seqs
+        for first in range(0, len(outputs), batch_size):
+            batch = range(first, min(first + batch_size, len(outputs)))
+            try:
+                events = self.engine.admit([Request(i, outputs[i].prompt, sampling) for i in batch],
+                                           prefill=self.prefill)
+                while True:
+                    for event in events:
+                        outputs[event.request_id].add(event)
+                    yield batch
+                    if all(outputs[i].finished for i in batch):
+                        break
+                    events = self.engine.step()
+            finally:  # also when a stream is dropped half-way
+                for i in batch:
+                    self.engine.release(i)
 
     def text_completion(
         self,
@@ -400,11 +330,10 @@ class Llama:
         The arguments are checked at once; generation runs while the iterator is consumed. Under
         torchrun every rank must consume the stream the same way (all of it, or stop at the same
         piece), as with any collective step."""
-        seqs = self._text_sequences(prompts, temperature, top_p, max_gen_len, logprobs, echo, top_k, stop)
-        return self._stream(seqs, None, temperature, top_p, top_k, logprobs, echo,
-                            lambda s: self._completion(s, logprobs, echo))
+        sampling, outputs = self._text_requests(prompts, temperature, top_p, max_gen_len, logprobs, echo, top_k, stop)
+        return self._stream(sampling, outputs, None, lambda i: self._completion(outputs[i], logprobs, echo))
 
-    def _text_sequences(self, prompts, temperature, top_p, max_gen_len, logprobs, echo, top_k, stop):
+    def _text_requests(self, prompts, temperature, top_p, max_gen_len, logprobs, echo, top_k, stop):
         check_same_inputs("text_completion() arguments", (prompts, temperature, top_p, max_gen_len, logprobs, echo,
                                                           top_k, stop), self.device)
         if isinstance(prompts, str):
@@ -416,7 +345,8 @@ class Llama:
                 raise ValueError(f"prompt {i} must be a non-empty string, got {prompt!r}")
         stops = check_stop(stop)
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-        return self._sequences(prompt_tokens, max_gen_len, temperature, top_p, top_k, echo, stops, watch_text=True)
+        return self._requests(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo, stops,
+                              watch_text=True)
 
     def chat_completion(
         self,
@@ -450,11 +380,13 @@ class Llama:
         of each index join to the reply's "content". A refused dialog (Llama 2 special tags) gets
         its refusal text as one piece before any other; its generation runs unseen, as in Meta's
         code, and its last piece (text "", finish_reason "refused") comes when that ends."""
-        refusals, seqs = self._chat_sequences(dialogs, temperature, top_p, max_gen_len, logprobs, top_k, stop)
-        return self._stream(seqs, refusals, temperature, top_p, top_k, logprobs, False,
-                            lambda s: self._completion(s, logprobs, echo=False, chat=True, content=refusals[s.index]))
+        refusals, (sampling, outputs) = self._chat_requests(dialogs, temperature, top_p, max_gen_len, logprobs,
+                                                            top_k, stop)
+        return self._stream(sampling, outputs, refusals,
+                            lambda i: self._completion(outputs[i], logprobs, echo=False, chat=True,
+                                                       content=refusals[i]))
 
-    def _chat_sequences(self, dialogs, temperature, top_p, max_gen_len, logprobs, top_k, stop):
+    def _chat_requests(self, dialogs, temperature, top_p, max_gen_len, logprobs, top_k, stop):
         """The refusal text of each dialog (None for the others) and a sequence for every dialog:
         like Meta's Llama 2 code, a refused dialog still runs, and only its reply text is replaced
         (its tokens and logprobs are those generated)."""
@@ -467,49 +399,42 @@ class Llama:
         stops = check_stop(stop)
         refusals = [self.formatter.refusal(d) for d in dialogs]
         encoded = [self.formatter.encode_dialog_prompt(d) for d in dialogs]
-        seqs = self._sequences(encoded, max_gen_len, temperature, top_p, top_k, False, stops, watch_text=True)
-        return refusals, seqs
+        return refusals, self._requests(encoded, max_gen_len, temperature, top_p, top_k, logprobs, False, stops,
+                                        watch_text=True)
 
-    def _stream(self, seqs, refusals, temperature, top_p, top_k, logprobs, echo,
+    def _stream(self, sampling: SamplingParams, outputs: List[RequestOutput], refusals,
                 result_of) -> Iterator[StreamPiece]:
-        """Runs the decoding loop, handing out each sequence's newly settled text after every step;
-        result_of(sequence) gives the result carried by a sequence's last piece. refusals: None, or
-        per index the text shown instead of that sequence's own (see stream_chat_completion)."""
-        refusals = refusals or [None] * len(seqs)
+        """Runs the decoding loop, handing out each output's newly settled text after every step;
+        result_of(index) gives the result carried by an output's last piece. refusals: None, or
+        per index the text shown instead of that output's own (see stream_chat_completion)."""
+        refusals = refusals or [None] * len(outputs)
         for i, refusal in enumerate(refusals):
             if refusal is not None:
                 yield StreamPiece(index=i, text=refusal, finish_reason=None, result=None)
         ended = set()
-        for batch in self._decode(seqs, temperature, top_p, top_k, logprobs, echo):
-            for s in batch:
-                if s.index in ended:
+        for batch in self._decode(sampling, outputs):
+            for i in batch:
+                if i in ended:
                     continue
-                text = s.text.take()
-                if refusals[s.index] is not None:
+                delta = outputs[i].take()
+                text, reason = delta.text, delta.finish_reason
+                if refusals[i] is not None:
                     text, reason = "", "refused"
-                else:
-                    reason = s.finish_reason
-                if s.done:
-                    ended.add(s.index)
-                    yield StreamPiece(index=s.index, text=text, finish_reason=reason, result=result_of(s))
+                if outputs[i].finished:
+                    ended.add(i)
+                    yield StreamPiece(index=i, text=text, finish_reason=reason, result=result_of(i))
                 elif text:
-                    yield StreamPiece(index=s.index, text=text, finish_reason=None, result=None)
+                    yield StreamPiece(index=i, text=text, finish_reason=None, result=None)
 
-    def _completion(self, s: "_Sequence", logprobs: bool, echo: bool, chat: bool = False,
+    def _completion(self, output: RequestOutput, logprobs: bool, echo: bool, chat: bool = False,
                     content: Optional[str] = None):
-        """What text_completion / chat_completion return for one finished sequence; content: the
+        """What text_completion / chat_completion return for one finished output; content: the
         text to return instead of the generated one (a refusal)."""
-        tokens = s.output_tokens(echo)
-        if content is not None:
-            text = content
-        elif s.finish_reason == "stop_string":
-            text = s.text.text
-        else:
-            text = self.tokenizer.decode(tokens)
+        text = content if content is not None else output.final_text(echo)
         result = {"generation": {"role": "assistant", "content": text} if chat else text}
         if logprobs:
-            result["tokens"] = [self.tokenizer.decode([t]) for t in tokens]
-            result["logprobs"] = s.output_logprobs(echo)
+            result["tokens"] = output.token_texts(output.output_tokens(echo))
+            result["logprobs"] = output.output_logprobs(echo)
         return result
 
 
@@ -518,48 +443,3 @@ def _results(pieces: Iterator[StreamPiece]) -> list:
     methods return)."""
     results = {piece["index"]: piece["result"] for piece in pieces if piece["result"] is not None}
     return [results[i] for i in range(len(results))]
-
-
-class _Sequence:
-    """One prompt's way through the decoding loop: the tokens (and their logprobs) generated so
-    far, why it ended, and, when its text is watched, a TextStream of it."""
-
-    def __init__(self, index: int, prompt: List[int], budget: int, text: Optional[TextStream]):
-        self.index = index  # position of its prompt or dialog in the caller's list
-        self.prompt = prompt
-        self.budget = budget  # new tokens it may add: max_gen_len, or fewer near max_seq_len
-        self.tokens: List[int] = []
-        self.logprobs: List[float] = []
-        self.prompt_logprobs: List[float] = []  # filled when echo and logprobs
-        self.text = text
-        self.finish_reason: Optional[str] = None
-        if budget == 0:
-            self._finish("length")
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def add(self, token: Optional[int], logprob: Optional[float]) -> None:
-        """token None: the model chose a stop token, which ends the sequence and is not part of it."""
-        if token is None:
-            self._finish("stop_token")
-            return
-        self.tokens.append(token)
-        if logprob is not None:
-            self.logprobs.append(logprob)
-        if self.text is not None and self.text.push(token):
-            self._finish("stop_string")
-        elif len(self.tokens) == self.budget:
-            self._finish("length")
-
-    def _finish(self, reason: str) -> None:
-        self.finish_reason = reason
-        if self.text is not None:
-            self.text.close()
-
-    def output_tokens(self, echo: bool) -> List[int]:
-        return (self.prompt if echo else []) + self.tokens
-
-    def output_logprobs(self, echo: bool) -> List[float]:
-        return (self.prompt_logprobs if echo else []) + self.logprobs

@@ -84,7 +84,7 @@ def test_stop_tokens_end_a_request_without_output(llama, prompts, alone):
     while engine.active:
         collect(outputs, engine.step())
     first = alone[2][0].index(stop)
-    assert outputs["a"][0] == alone[2][0][:first] and outputs["a"][2] == ["stop"]
+    assert outputs["a"][0] == alone[2][0][:first] and outputs["a"][2] == ["stop_token"]
     assert outputs["b"][0] == alone[3][0]
     assert engine.free_slots == 4
 

@@ -8,14 +8,15 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from aiohttp import web
 
 from ..chat_format import ChatFormat
-from ..engine import SamplingParams
+from ..engine import Finish, SamplingParams
+from ..outputs import Delta, RequestOutput
 from ..tokenizer import Tokenizer
-from .scheduler import Job, Scheduler, Update
+from .scheduler import Job, Scheduler
 from .schemas import (ApiError, ChatCompletionRequest, CompletionRequest, message_text, parse_body)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # a larger request body is refused with 413
@@ -30,6 +31,7 @@ class Service:
     model_name: str
     max_seq_len: int
     vocab_size: int
+    utf8_errors: str = "replace"  # streaming.invalid_utf8_errors(tokenizer)
     api_key: Optional[str] = None
     created: int = 0  # when the model was loaded (the "created" of GET /v1/models)
     open_responses: int = 0  # requests whose answer is not fully sent yet
@@ -97,7 +99,7 @@ class _Routes:
         if body.echo:
             sent = _only_prompt(body.prompt)
             echo = sent if isinstance(sent, str) else self.s.tokenizer.decode(prompt)
-        job = self.s.scheduler.submit(prompt, params, body.stop_strings())
+        job = self.s.scheduler.submit(prompt, params)
         reply = _CompletionReply(self.s, body, job, want_logprobs, echo)
         return await _answer(request, job, reply, body.stream)
 
@@ -107,7 +109,7 @@ class _Routes:
         prompt = self._chat_prompt(body)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = self._params(body, prompt, max_tokens, body.logprobs, body.top_logprobs or 0, False)
-        job = self.s.scheduler.submit(prompt, params, body.stop_strings())
+        job = self.s.scheduler.submit(prompt, params)
         reply = _ChatReply(self.s, body, job, body.logprobs)
         return await _answer(request, job, reply, body.stream)
 
@@ -161,16 +163,16 @@ def _only_prompt(prompt):
 
 
 async def _answer(request: web.Request, job: Job, reply: "_Reply", stream: bool) -> web.StreamResponse:
-    """Waits for the job's updates and answers with one JSON body, or streams them as server-sent
+    """Waits for the job's events and answers with one JSON body, or streams them as server-sent
     events. If the client goes away first (aiohttp then cancels this handler), the job's slot is freed."""
     service = reply.service
     service.open_responses += 1
     try:
         if not stream:
             while True:
-                update = await job.updates.get()
-                if update.error is not None:
-                    return error_response(update.error)
+                update = await reply.next()
+                if isinstance(update, ApiError):
+                    return error_response(update)
                 reply.add(update)
                 if update.finish_reason is not None:
                     return web.json_response(reply.whole())
@@ -179,9 +181,9 @@ async def _answer(request: web.Request, job: Job, reply: "_Reply", stream: bool)
         for chunk in reply.opening():
             await _send_event(response, chunk)
         while True:
-            update = await job.updates.get()
-            if update.error is not None:  # OpenAI's clients raise an APIError on an "error" event
-                await _send_event(response, update.error.body())
+            update = await reply.next()
+            if isinstance(update, ApiError):  # OpenAI's clients raise an APIError on an "error" event
+                await _send_event(response, update.body())
                 break
             reply.add(update)
             for chunk in reply.chunks(update):
@@ -194,7 +196,7 @@ async def _answer(request: web.Request, job: Job, reply: "_Reply", stream: bool)
     finally:
         service.open_responses -= 1
         if not job.ended:
-            service.scheduler.cancel(job)
+            service.scheduler.release(job)
 
 
 async def _send_event(response: web.StreamResponse, data: dict) -> None:
@@ -202,7 +204,8 @@ async def _send_event(response: web.StreamResponse, data: dict) -> None:
 
 
 class _Reply:
-    """Collects a job's updates and shapes them as one OpenAI response or as its stream of chunks."""
+    """Turns a job's events into its output (llama/outputs.py) and shapes that as one OpenAI
+    response or as its stream of chunks."""
     object_name = ""
 
     _echo: Optional[str] = None  # text that opens the reply (a completion's echoed prompt) and is not yet sent
@@ -211,15 +214,32 @@ class _Reply:
         self.service, self.body, self.job, self.want_logprobs = service, body, job, want_logprobs
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self.output = RequestOutput(service.tokenizer, job.request.prompt, stop=body.stop_strings(),
+                                    errors=service.utf8_errors)
         self.text: List[str] = []
         self.finish_reason: Optional[str] = None
 
-    def add(self, update: Update) -> None:
+    async def next(self) -> Union[Delta, ApiError]:
+        """What the next iteration added (its finish_reason in OpenAI's words), or the error that
+        ended the request. A stop string ends it here, so its slot is released at once."""
+        events = await self.job.events.get()
+        if isinstance(events, ApiError):
+            return events
+        for event in events:
+            self.output.add(event)
+        if self.output.finished:
+            self.service.scheduler.release(self.job)
+        delta = self.output.take()
+        if delta.finish_reason is not None:
+            delta.finish_reason = "length" if delta.finish_reason == Finish.LENGTH else "stop"
+        return delta
+
+    def add(self, update: Delta) -> None:
         self.text.append(update.text)
         self.finish_reason = update.finish_reason or self.finish_reason
 
     def usage(self) -> dict:
-        prompt, completion = len(self.job.request.prompt), len(self.job.tokens)
+        prompt, completion = len(self.job.request.prompt), len(self.output.tokens)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _head(self, kind: str) -> dict:
@@ -228,7 +248,7 @@ class _Reply:
     def opening(self) -> List[dict]:
         return []
 
-    def chunks(self, update: Update) -> List[dict]:
+    def chunks(self, update: Delta) -> List[dict]:
         chunks = []
         if update.text or update.finish_reason is not None or update.tokens and self.want_logprobs or self._echo:
             chunks.append({**self._head(self.chunk_object), "choices": [self._chunk_choice(update)]})
@@ -236,9 +256,6 @@ class _Reply:
         if update.finish_reason is not None and options is not None and options.include_usage:
             chunks.append({**self._head(self.chunk_object), "choices": [], "usage": self.usage()})
         return chunks
-
-    def _token_text(self, token: int) -> str:
-        return self.service.tokenizer.decode([token])
 
 
 class _CompletionReply(_Reply):
@@ -250,11 +267,11 @@ class _CompletionReply(_Reply):
 
     def whole(self) -> dict:
         choice = {"index": 0, "text": (self._echo or "") + "".join(self.text), "finish_reason": self.finish_reason,
-                  "logprobs": self._logprobs(self.job.tokens, self.job.logprobs, self.job.top_logprobs,
+                  "logprobs": self._logprobs(self.output.tokens, self.output.logprobs, self.output.top_logprobs,
                                              self.body.echo) if self.want_logprobs else None}
         return {**self._head("text_completion"), "choices": [choice], "usage": self.usage()}
 
-    def _chunk_choice(self, update: Update) -> dict:
+    def _chunk_choice(self, update: Delta) -> dict:
         echo, self._echo = self._echo, None  # the first chunk opens with the echoed prompt and its logprobs
         logprobs = (self._logprobs(update.tokens, update.logprobs, update.top_logprobs, echo is not None)
                     if self.want_logprobs else None)
@@ -263,13 +280,14 @@ class _CompletionReply(_Reply):
 
     def _logprobs(self, tokens, logprobs, top_logprobs, with_prompt: bool) -> dict:
         """OpenAI's completions logprobs: parallel lists, top_logprobs as {token text: logprob}."""
-        texts = [self._token_text(t) for t in tokens]
+        texts = self.output.token_texts(tokens)
         chosen: List[Optional[float]] = list(logprobs)
-        tops: List[Optional[dict]] = [{self._token_text(t): lp for t, lp in top} for top in top_logprobs]
+        tops: List[Optional[dict]] = [dict(zip(self.output.token_texts([t for t, _ in top]), (lp for _, lp in top)))
+                                      for top in top_logprobs]
         if with_prompt:
-            prompt = self.job.request.prompt
-            prompt_logprobs = list(self.job.prompt_logprobs or [0.0] * len(prompt))
-            texts = [self._token_text(t) for t in prompt] + texts
+            prompt = self.output.prompt
+            prompt_logprobs = list(self.output.prompt_logprobs or [0.0] * len(prompt))
+            texts = self.output.token_texts(prompt) + texts
             chosen = [None] + prompt_logprobs[1:] + chosen  # the first prompt token has no logprob
             tops = [None] * len(prompt) + tops
         offsets, at = [], 0
@@ -286,7 +304,7 @@ class _ChatReply(_Reply):
     def whole(self) -> dict:
         choice = {"index": 0, "message": {"role": "assistant", "content": "".join(self.text)},
                   "finish_reason": self.finish_reason,
-                  "logprobs": self._logprobs(self.job.tokens, self.job.logprobs, self.job.top_logprobs)
+                  "logprobs": self._logprobs(self.output.tokens, self.output.logprobs, self.output.top_logprobs)
                   if self.want_logprobs else None}
         return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage()}
 
@@ -294,7 +312,7 @@ class _ChatReply(_Reply):
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         return [{**self._head(self.chunk_object), "choices": [choice]}]
 
-    def _chunk_choice(self, update: Update) -> dict:
+    def _chunk_choice(self, update: Delta) -> dict:
         delta = {"content": update.text} if update.text else {}
         logprobs = (self._logprobs(update.tokens, update.logprobs, update.top_logprobs)
                     if self.want_logprobs else None)

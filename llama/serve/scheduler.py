@@ -1,93 +1,52 @@
 """Rank 0's side of serving: requests wait in a bounded queue, join the running batch as soon as
 a slot is free, and leave it when they finish or their client goes away.
 
-Two threads meet here. The HTTP handlers (the asyncio loop) call submit(), cancel() and stop();
+Two threads meet here. The HTTP handlers (the asyncio loop) call submit(), release() and stop();
 the engine thread calls next_plan() before each iteration and deliver() after it. A lock guards
-what they share; a request's results reach its handler through the job's asyncio queue."""
+what they share, and nothing slow runs under it: deliver() only sorts the iteration's events by
+request and hands each job its own, through the job's asyncio queue; the handler turns them into
+text (llama/outputs.py) and releases its request when a stop string ends it."""
 
 import asyncio
 import itertools
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Deque, Dict, List, Optional, Union
 
 from ..engine import Request, SamplingParams, TokenEvent
-from ..streaming import TextStream
-from ..tokenizer import Tokenizer
 from .schemas import ApiError
 from .steps import Plan
 
 
-@dataclass
-class Update:
-    """What a handler receives each time its request advances."""
-    text: str = ""  # generated text settled since the last update
-    tokens: List[int] = field(default_factory=list)  # tokens generated since the last update
-    logprobs: List[float] = field(default_factory=list)
-    top_logprobs: List[List[Tuple[int, float]]] = field(default_factory=list)
-    finish_reason: Optional[str] = None  # on the last update: "stop" (stop token or string) or "length"
-    error: Optional[ApiError] = None  # on the last update when the request failed
-
-
 class Job:
-    """One request on its way through the engine, as rank 0 follows it: its tokens, its text (with
-    stop strings), and the queue its handler reads."""
+    """One request on its way through the engine: what the scheduler tracks, and the queue on
+    which its handler receives each iteration's events (or the error that ended it)."""
 
-    def __init__(self, request_id: int, prompt: List[int], params: SamplingParams, text: TextStream,
+    def __init__(self, request_id: int, prompt: List[int], params: SamplingParams,
                  loop: asyncio.AbstractEventLoop):
         self.request = Request(request_id, prompt, params)
-        self.text = text
-        self.tokens: List[int] = []
-        self.logprobs: List[float] = []
-        self.top_logprobs: List[List[Tuple[int, float]]] = []
-        self.prompt_logprobs: Optional[List[float]] = None  # echo with logprobs: from the admit event
-        self.finish_reason: Optional[str] = None
-        self.updates: "asyncio.Queue[Update]" = asyncio.Queue()
+        self.events: "asyncio.Queue[Union[List[TokenEvent], ApiError]]" = asyncio.Queue()
         self._loop = loop
-        self._published = 0  # tokens already handed to the handler
-        self.ended = False  # the handler got its last update
+        self.ended = False  # the handler got its last events (the engine ended it) or an error
 
     @property
     def id(self) -> int:
         return self.request.id
 
-    def add(self, event: TokenEvent) -> None:
-        """Takes one token from the engine (engine thread)."""
-        if event.token is None:  # a stop token (not part of the text), or no room for any token
-            self._finish(event.finish_reason)
-            return
-        self.tokens.append(event.token)
-        if event.logprob is not None:
-            self.logprobs.append(event.logprob)
-        if event.top_logprobs is not None:
-            self.top_logprobs.append(event.top_logprobs)
-        if self.text.push(event.token):
-            self._finish("stop")  # a stop string: the engine still holds the request, so release it
-        elif event.finish_reason == "length":
-            self._finish("length")
-
-    def _finish(self, reason: str) -> None:
-        self.finish_reason = reason
-        self.text.close()
-
-    def publish(self) -> None:
-        """Hands what is new to the handler (engine thread)."""
-        new = slice(self._published, len(self.tokens))
-        self._published = len(self.tokens)
-        self._send(Update(self.text.take(), self.tokens[new], self.logprobs[new], self.top_logprobs[new],
-                          self.finish_reason))
+    def send(self, events: List[TokenEvent]) -> None:
+        """Hands one iteration's events to the handler (engine thread)."""
+        self._send(events, any(e.finish_reason is not None for e in events))
 
     def fail(self, error: ApiError) -> None:
-        self._send(Update(error=error))
+        self._send(error, True)
 
-    def _send(self, update: Update) -> None:
+    def _send(self, item: Union[List[TokenEvent], ApiError], last: bool) -> None:
         if self.ended:
             return
-        self.ended = update.finish_reason is not None or update.error is not None
+        self.ended = last
         try:
-            self._loop.call_soon_threadsafe(self.updates.put_nowait, update)
+            self._loop.call_soon_threadsafe(self.events.put_nowait, item)
         except RuntimeError:
             pass  # the event loop has closed: the server is exiting and nobody waits for this
 
@@ -95,9 +54,7 @@ class Job:
 class Scheduler:
     """The queue and the running batch, as rank 0 sees them; see the module docstring."""
 
-    def __init__(self, tokenizer: Tokenizer, utf8_errors: str, max_batch_size: int, max_queue: int,
-                 loop: asyncio.AbstractEventLoop):
-        self._tokenizer, self._utf8_errors = tokenizer, utf8_errors
+    def __init__(self, max_batch_size: int, max_queue: int, loop: asyncio.AbstractEventLoop):
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self._loop = loop
         self._lock = threading.Condition()
@@ -110,7 +67,7 @@ class Scheduler:
 
     # --- the HTTP side (asyncio loop) ---
 
-    def submit(self, prompt: List[int], params: SamplingParams, stop: Sequence[str]) -> Job:
+    def submit(self, prompt: List[int], params: SamplingParams) -> Job:
         """Queues a request; raises ApiError 429 when the queue is full, 503 when the server stops."""
         with self._lock:
             self._check_available()
@@ -120,14 +77,14 @@ class Scheduler:
                 raise ApiError(429, f"the server is busy: {len(self._running)} requests are running and "
                                     f"{len(self._waiting)} waiting, the most its queue holds; retry later",
                                code="queue_full", kind="server_overloaded")
-            text = TextStream(self._tokenizer, stop, errors=self._utf8_errors)
-            job = Job(next(self._ids), prompt, params, text, self._loop)
+            job = Job(next(self._ids), prompt, params, self._loop)
             self._waiting.append(job)
             self._lock.notify()
             return job
 
-    def cancel(self, job: Job) -> None:
-        """The client went away (or the handler ended early): free the request's slot at once."""
+    def release(self, job: Job) -> None:
+        """The handler is done with the request (it finished on a stop string, or its client went
+        away): its slot is freed at the next iteration, if the engine still holds it."""
         with self._lock:
             job.ended = True
             if job in self._waiting:
@@ -180,25 +137,20 @@ class Scheduler:
                 self._lock.wait()
 
     def deliver(self, events: List[TokenEvent]) -> None:
-        """Hands the tokens of one iteration to their requests."""
+        """Hands the events of one iteration to their requests' handlers."""
         with self._lock:
-            touched: Dict[int, Job] = {}
+            by_job: Dict[Job, List[TokenEvent]] = {}
             for event in events:
                 job = self._running.get(event.request_id)
-                if job is None:  # cancelled, or ended by a stop string, in this iteration
+                if job is None:  # released by its handler
                     if event.finish_reason is not None and event.request_id in self._release:
                         self._release.remove(event.request_id)  # the engine freed it by itself
                     continue
-                if event.prompt_logprobs is not None:
-                    job.prompt_logprobs = event.prompt_logprobs
-                job.add(event)
-                touched[job.id] = job
-                if job.finish_reason is not None:
+                by_job.setdefault(job, []).append(event)
+                if event.finish_reason is not None:  # the engine has freed its slot
                     del self._running[job.id]
-                    if event.finish_reason is None:
-                        self._release.append(job.id)
-            for job in touched.values():
-                job.publish()
+            for job, own in by_job.items():
+                job.send(own)
 
     def fail(self, reason: str) -> None:
         """The engine cannot go on (a rank failed): every request ends with an error, and no new

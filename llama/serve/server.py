@@ -42,10 +42,10 @@ def serve(llama: Llama, engine: Engine, host: str, port: int, model_name: str, a
 async def _serve(llama: Llama, engine: Engine, host: str, port: int, model_name: str, api_key: Optional[str],
                  max_queue: int) -> None:
     loop = asyncio.get_running_loop()
-    scheduler = Scheduler(llama.tokenizer, invalid_utf8_errors(llama.tokenizer), engine.max_batch_size, max_queue,
-                          loop)
+    scheduler = Scheduler(engine.max_batch_size, max_queue, loop)
     service = Service(scheduler, llama.tokenizer, llama.formatter, model_name, llama.model.params.max_seq_len,
-                      llama.model.params.vocab_size, api_key, created=int(time.time()))
+                      llama.model.params.vocab_size, invalid_utf8_errors(llama.tokenizer), api_key,
+                      created=int(time.time()))
     runner = web.AppRunner(make_app(service), handler_cancellation=True, access_log=None,
                            shutdown_timeout=RESPONSE_FLUSH)
     await runner.setup()
