@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, List, Literal, Optional, Sequence, TypedDict, 
 
 from llama.chat_template import warn_no_chat_template
 
-if TYPE_CHECKING:  # llama/tokenizer.py imports this module
+if TYPE_CHECKING:  # only for hints: llama/tokenizer.py imports this module to re-export it
     from llama.tokenizer import Tokenizer
 
 # "ipython" is Meta llama3's name for a tool's turn, "tool" llama-models' (its header says ipython).

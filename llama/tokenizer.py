@@ -21,6 +21,9 @@ import sentencepiece
 import tiktoken
 import tokenizers
 
+# Meta's llama3 keeps the chat format in this module; ours lives in llama/chat_format.py, which
+# names Tokenizer only in type hints, so importing it here makes no circle.
+from .chat_format import ChatFormat, Dialog, Message, Role  # noqa: F401
 from .chat_template import find_chat_template
 
 PathLike = Union[str, os.PathLike]
@@ -506,7 +509,3 @@ _TOKENIZER_CLASSES = {
     "tiktoken": TiktokenTokenizer,
     "huggingface": HuggingFaceTokenizer,
 }
-
-# Meta's llama3 keeps the chat format in this module; ours lives in llama/chat_format.py (which
-# needs Tokenizer defined above, hence the import at the end).
-from .chat_format import ChatFormat, Dialog, Message, Role  # noqa: E402,F401
