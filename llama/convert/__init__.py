@@ -8,9 +8,9 @@ way Meta splits them, plus tokenizer.json + tokenizer_config.json.
 A GGUF's quantized blocks are kept as they are (llama/stored.py) unless --dtype asks for floats;
 --quantize stores the linear layers quantized, so that loading does no quantization.
 
-One concern per module: source.py (what a reader provides, picking one), hf.py and gguf_reader.py
-(the two readers), dequant.py (GGUF tensor types), params.py (params.json), gguf_tokenizer.py and
-tokenizer_files.py (tokenizers), writer.py (the output folder).
+One concern per module: base.py (what a reader provides), source.py (picking one), hf.py and
+gguf_reader.py (the two readers), dequant.py (GGUF tensor types), params.py (params.json),
+gguf_tokenizer.py and tokenizer_files.py (tokenizers), writer.py (the output folder).
 """
 
 from pathlib import Path

@@ -14,7 +14,7 @@ import torch
 
 from ..stored import QuantizedWeight
 from . import params as meta
-from .source import Source
+from .base import Source
 
 try:
     from gguf import GGUFReader

@@ -12,7 +12,7 @@ from typing import Dict, List
 import torch
 
 from . import params as meta
-from .source import Source
+from .base import Source
 from .tokenizer_files import copy_hf_tokenizer
 
 CONFIG = "config.json"

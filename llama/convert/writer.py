@@ -20,7 +20,7 @@ import torch
 from ..checkpoint import WeightValue, save_consolidated_streaming
 from ..quantize import DEFAULT_GROUP, GROUP_CHOICES, QUANTIZE_CHOICES, stored_blocks
 from ..stored import QuantizedWeight, Record
-from .source import Source
+from .base import Source
 
 RECORD = "convert.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
