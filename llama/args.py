@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from .rope import DEFAULT_ROPE_THETA, LLAMA31_ROPE_FACTOR, LLAMA32_SMALL_ROPE_FACTOR
+
 # Keys that describe models this runner cannot execute: refusing beats producing garbage.
 UNSUPPORTED_KEYS = {
     "vision_chunk_size": "vision (Llama 3.2 Vision)",
@@ -29,8 +31,7 @@ class ModelArgs:
     multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
-    # Llama 2's params.json has no rope_theta and used 10000; every Llama 3 file states 500000.
-    rope_theta: float = 10000.0
+    rope_theta: float = DEFAULT_ROPE_THETA
     use_scaled_rope: bool = False
     # Not in Meta's params.json: None lets Llama.build decide it from the model (rope_scaling_factor()).
     rope_scaling_factor: Optional[float] = None
@@ -106,11 +107,7 @@ class ModelArgs:
             raise ValueError(f"{source}: {e}") from e
 
 
-# Meta's code hard-codes 8 (Llama 3.1, 3.2 11B/90B, 3.3). Llama 3.2 1B and 3B were trained with 32
-# (meta-llama/llama-models #166, #241), but their params.json says only "use_scaled_rope": true.
-LLAMA31_ROPE_FACTOR = 8.0
-LLAMA32_SMALL_ROPE_FACTOR = 32.0
-# (dim, n_layers) of Llama 3.2 1B and 3B.
+# (dim, n_layers) of Llama 3.2 1B and 3B, which run with LLAMA32_SMALL_ROPE_FACTOR (see llama/rope.py).
 LLAMA32_SMALL_SHAPES = {(2048, 16): "Llama 3.2 1B", (3072, 28): "Llama 3.2 3B"}
 
 

@@ -6,7 +6,6 @@ Every sequence in a batch carries its own position, so prompts of different leng
 together and then advance one token per step, each at its own place in the cache.
 """
 
-import math
 from contextlib import contextmanager
 from typing import Iterator, Optional, Tuple
 
@@ -17,9 +16,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import cpu_kernels
-from .args import LLAMA31_ROPE_FACTOR, ModelArgs
+from .args import ModelArgs
 from .compiling import use_persistent_compile_cache
 from .layers import ColumnParallel, DimParallel, RowParallel, VocabParallel, column_products
+from .rope import rope_frequencies
 
 
 class _AllocateOnMeta(TorchDispatchMode):
@@ -53,23 +53,6 @@ class RMSNorm(nn.Module):
         # Normalise in fp32 like Meta's code, so bf16/fp16 runs stay close to fp32.
         normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
-
-
-def rope_frequencies(args: ModelArgs) -> torch.Tensor:
-    """Per-pair rotation speeds, with Llama 3.1's long-context rescaling when asked for."""
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
-    if not args.use_scaled_rope:
-        return freqs.float()
-    # Llama 3.1: slow (long-wavelength) pairs are slowed by the factor, fast ones kept, a smooth
-    # blend between. Low/high frequency factors and the original context are fixed by Meta.
-    factor = args.rope_scaling_factor if args.rope_scaling_factor is not None else LLAMA31_ROPE_FACTOR
-    low_freq_factor, high_freq_factor, original_context = 1.0, 4.0, 8192
-    wavelen = 2 * math.pi / freqs
-    smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    blended = (1 - smooth) * freqs / factor + smooth * freqs
-    scaled = torch.where(wavelen > original_context / low_freq_factor, freqs / factor, blended)
-    scaled = torch.where(wavelen < original_context / high_freq_factor, freqs, scaled)
-    return scaled.float()
 
 
 def rope_tables(args: ModelArgs, length: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:

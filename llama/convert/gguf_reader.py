@@ -12,6 +12,8 @@ from typing import List, Optional, Union
 
 import torch
 
+from ..args import ModelArgs
+from ..rope import DEFAULT_ROPE_THETA, rope_frequencies
 from ..stored import QuantizedWeight
 from . import params as meta
 from .base import Source
@@ -105,7 +107,7 @@ class GGUFSource(Source):
         if "token_embd.weight" not in self.by_name:
             raise ValueError(f"{self.path} has no token_embd.weight; the file is incomplete")
         vocab = int(self.by_name["token_embd.weight"].shape[1])
-        theta = float(self.value("llama.rope.freq_base", 10000.0))
+        theta = float(self.value("llama.rope.freq_base", DEFAULT_ROPE_THETA))
         return meta.meta_params(
             dim=dim, n_layers=self._int("block_count"), n_heads=n_heads,
             n_kv_heads=self._int("attention.head_count_kv", n_heads), vocab_size=vocab,
@@ -121,9 +123,6 @@ class GGUFSource(Source):
         stored = dequant.to_torch(self.by_name[ROPE_FACTORS], self.path).float().flatten()
         if torch.allclose(stored, torch.ones_like(stored)):
             return None
-        from ..args import ModelArgs
-        from ..model import rope_frequencies
-
         factor = float(stored.max())
         args = ModelArgs(dim=head_dim, n_layers=1, n_heads=1, rope_theta=theta, use_scaled_rope=True,
                          rope_scaling_factor=factor)

@@ -11,6 +11,7 @@ from typing import Dict, List
 
 import torch
 
+from ..rope import DEFAULT_ROPE_THETA
 from . import params as meta
 from .base import Source
 from .tokenizer_files import copy_hf_tokenizer
@@ -85,7 +86,7 @@ def llama_params(config: dict, folder: Path) -> dict:
 
     # transformers 4 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters.
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
+    theta = config.get("rope_theta", rope.get("rope_theta", DEFAULT_ROPE_THETA))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     factor = None
     if rope_type == "llama3":

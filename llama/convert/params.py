@@ -6,11 +6,12 @@ import math
 from typing import Dict, Optional
 
 from ..args import ModelArgs
-
-# Llama 3.1's RoPE scaling; our model hard-codes these three and only takes the factor.
-META_LOW_FREQ_FACTOR = 1.0
-META_HIGH_FREQ_FACTOR = 4.0
-META_ORIGINAL_CONTEXT = 8192
+# Llama 3.1's RoPE scaling: our model fixes these three and only takes the factor.
+from ..rope import (
+    LLAMA31_HIGH_FREQ_FACTOR as META_HIGH_FREQ_FACTOR,
+    LLAMA31_LOW_FREQ_FACTOR as META_LOW_FREQ_FACTOR,
+    LLAMA31_ORIGINAL_CONTEXT as META_ORIGINAL_CONTEXT,
+)
 
 _MULTIPLES = (1024, 256, 512, 128, 64, 32, 16, 8, 4, 2, 1)
 
