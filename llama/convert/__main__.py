@@ -5,6 +5,7 @@ import argparse
 import signal
 import sys
 
+from ..dtypes import DTYPES
 from ..quantize import DEFAULT_GROUP
 from . import convert
 
@@ -19,7 +20,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shards", type=int, default=1,
                         help="number of consolidated.NN.pth files, as for that many ranks (default 1; any "
                              "rank count that divides the heads can load any shard count)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="precision of the written float weights (default auto: the source's own, and a "
                              "GGUF's quantized blocks kept as they are; bf16/fp16/fp32 expand blocks to floats)")
     parser.add_argument("--quantize", choices=["int4", "int8"],

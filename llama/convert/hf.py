@@ -11,6 +11,7 @@ from typing import Dict, List
 
 import torch
 
+from ..dtypes import TORCH_NAMES as DTYPES  # config.json writes torch's names
 from ..rope import DEFAULT_ROPE_THETA
 from . import params as meta
 from .base import Source
@@ -35,8 +36,6 @@ TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight"
              "output.weight": "lm_head.weight"}
 # Old checkpoints store RoPE tables; they are recomputed, never read.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def hf_name(key: str) -> str:

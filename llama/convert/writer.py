@@ -18,17 +18,13 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..checkpoint import WeightValue, save_consolidated_streaming
+from ..dtypes import DTYPES, dtype_name
 from ..quantize import DEFAULT_GROUP, GROUP_CHOICES, QUANTIZE_CHOICES, stored_blocks
 from ..stored import QuantizedWeight, Record
 from .base import Source
 
 RECORD = "convert.json"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _SAMPLE = 4 << 20  # bytes read from each end of a file to tell models apart without reading it all
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, d in DTYPES.items() if d == dtype)
 
 
 def fingerprint(files: List[Path]) -> str:
