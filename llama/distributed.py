@@ -6,7 +6,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -46,18 +46,36 @@ def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked for but no CUDA GPU is visible; use device='cpu'")
-        if device.index is None:  # under torchrun, each local rank takes its own GPU
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        device = torch.device("cuda", rank_gpu(device.index, local_rank, local_world, torch.cuda.device_count()))
     elif device.type != "cpu":
         raise ValueError(f"unsupported device {device}; use 'auto', 'cuda', 'cuda:N' or 'cpu'")
     return device
 
 
+def rank_gpu(asked: Optional[int], local_rank: int, local_world: int, gpus: int) -> int:
+    """The GPU of this rank: its local rank's (one GPU per rank on a node), or the one asked for
+    when the node runs a single rank. Two ranks on one GPU would only fail later, inside NCCL
+    ("Duplicate GPU detected"), so that is refused here."""
+    if asked is not None:
+        if local_world > 1:
+            raise ValueError(f"device='cuda:{asked}' would put all {local_world} ranks of this node on one GPU; "
+                             f"use device='cuda' (each rank takes the GPU of its LOCAL_RANK)")
+        if asked >= gpus:
+            raise ValueError(f"device='cuda:{asked}' but this machine shows {gpus} GPU(s) (cuda:0 to cuda:{gpus - 1})")
+        return asked
+    if max(local_world, local_rank + 1) > gpus:
+        raise ValueError(f"{local_world} ranks on this node but only {gpus} GPU(s) visible: NCCL needs one GPU per "
+                         f"rank; run --nproc_per_node {gpus} or fewer (or check CUDA_VISIBLE_DEVICES)")
+    return local_rank
+
+
 def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> torch.dtype:
-    """None/"auto": bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."""
+    """None/"auto": bf16 on GPUs that compute in it natively, else fp16 on GPU, fp32 on CPU."""
     if dtype is None or dtype == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return gpu_default_dtype(torch.cuda.get_device_capability(device))
         return torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
@@ -66,6 +84,12 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
     return DTYPES[dtype]
+
+
+def gpu_default_dtype(capability: Tuple[int, int]) -> torch.dtype:
+    """bf16 from Ampere (compute capability 8.0) on; older GPUs (T4, V100) only emulate it, which
+    torch.cuda.is_bf16_supported() counts as support, so they get fp16."""
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
 
 
 def init_model_parallel(device: torch.device, model_parallel_size: Optional[int],
@@ -77,10 +101,14 @@ def init_model_parallel(device: torch.device, model_parallel_size: Optional[int]
         if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # launched by torchrun
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            dist.init_process_group(backend, timeout=timeout)
+                # Binding the group to this rank's GPU: NCCL then never guesses the device.
+                dist.init_process_group(backend, timeout=timeout, device_id=device)
+            else:
+                dist.init_process_group(backend, timeout=timeout)
         else:  # a plain `python script.py`: a group of one, no ports or env vars needed
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         atexit.register(_destroy_process_groups)
+    _make_control_group(timeout)
     world = dist.get_world_size()
     if model_parallel_size is None:
         model_parallel_size = world
@@ -105,6 +133,24 @@ def init_model_parallel(device: torch.device, model_parallel_size: Optional[int]
         )
 
 
+_control_group: Optional[dist.ProcessGroup] = None
+
+
+def _make_control_group(timeout: timedelta) -> None:
+    """Every rank calls this once, in the same order (new_group is collective)."""
+    global _control_group
+    if _control_group is None and dist.get_backend() != "gloo":
+        _control_group = dist.new_group(backend="gloo", timeout=timeout)
+
+
+def control_group() -> Optional[dist.ProcessGroup]:
+    """The group for the ranks' small host-side messages (the server's per-step plan, input read on
+    rank 0): gloo, even beside NCCL, so that a message never goes through the GPU (a pickle copied
+    to the device and back, each step) and the sending thread needs no CUDA device. None means the
+    default group, itself gloo."""
+    return _control_group
+
+
 def _destroy_process_groups() -> None:
     """At exit, while the interpreter is still whole: frees every process group, which joins its
     gloo threads. A group is freed when its last reference goes, and destroy_process_group() drops
@@ -114,8 +160,10 @@ def _destroy_process_groups() -> None:
     interpreter's shutdown and C++'s static destructors, where now and then a rank whose work was
     done aborted ("terminate called without an active exception", SIGABRT). tests/test_streaming.py
     checks that no gloo thread is left once this has run."""
+    global _control_group
     if dist.is_initialized():
         sys.stdout.flush()
+        _control_group = None
         if model_parallel_is_initialized():
             destroy_model_parallel()
         dist.destroy_process_group()

@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel.initialize import get_model_parallel_group, model_parallel_is_initialized
 
+from .distributed import control_group
+
 DEFAULT_TIMEOUT = 120.0  # seconds; Llama.build(timeout=...) and the examples' --timeout
 KEY = "llama/"  # every store key of this module starts with it
 
@@ -238,7 +240,7 @@ def share_from_rank0(read: Callable[[], T]) -> T:
     else:
         _wait_for_key(store, key)
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=control_group())
     return box[0]
 
 

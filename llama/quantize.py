@@ -68,10 +68,13 @@ def check_quantize(quantize: Optional[str], group: int, args: ModelArgs, world_s
         raise ValueError(f"unknown quantize={quantize!r}; use one of {QUANTIZE_CHOICES}")
     if quantize is None:
         return
+    if device.type != "cpu":  # PyTorch's CUDA int8 product is a naive kernel, slower than bf16
+        raise ValueError(f"quantize={quantize!r} runs on CPU only (there is no fast {device.type} kernel for it "
+                         f"yet); on {device.type} leave quantize unset (bf16/fp16 weights), or use device='cpu'")
     for op in _KERNELS[quantize]:
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(op, device.type.upper()):
-            raise ValueError(f"quantize={quantize!r} needs PyTorch's {op} kernel, which this PyTorch has no "
-                             f"{device.type} version of; run on CPU (device='cpu') or without quantize")
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"):
+            raise ValueError(f"quantize={quantize!r} needs PyTorch's {op} CPU kernel, which this PyTorch build "
+                             f"lacks; install PyTorch 2.4 or later, or run without quantize")
     if quantize != "int4":
         return
     if group not in GROUP_CHOICES:

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Optional
 
+import torch
 from aiohttp import web
 
 from .. import lockstep
@@ -56,6 +57,8 @@ async def _serve(llama: Llama, engine: Engine, host: str, port: int, model_name:
 
     def run_engine() -> None:
         error = None
+        if engine.device.type == "cuda":  # a new thread starts on cuda:0, whatever the rank's GPU
+            torch.cuda.set_device(engine.device)
         try:
             lead(engine, lambda block: scheduler.next_plan(engine.free_slots, block), scheduler.deliver)
         except BaseException as e:  # a collective broke: a rank failed

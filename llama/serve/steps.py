@@ -9,6 +9,7 @@ from typing import Callable, List, Optional
 
 import torch.distributed as dist
 
+from ..distributed import control_group
 from ..engine import Engine, Request, TokenEvent
 from ..lockstep import share_from_rank0
 
@@ -31,7 +32,7 @@ def share_plan(engine: Engine, decide: Optional[Callable[[bool], Plan]]) -> Plan
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return decide(False)
     box = [decide(False) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=control_group())
     return box[0]
 
 
