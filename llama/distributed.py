@@ -164,9 +164,21 @@ def _destroy_process_groups() -> None:
     if dist.is_initialized():
         sys.stdout.flush()
         _control_group = None
+        _free_cuda_graphs()
         if model_parallel_is_initialized():
             destroy_model_parallel()
         dist.destroy_process_group()
+
+
+def _free_cuda_graphs() -> None:
+    """CUDA graphs that captured NCCL work keep it alive, and destroy_process_group() then hangs
+    (pytorch#115388): torchrun would wait forever for a rank whose work was done. Dropping the
+    compiled code and its graphs first lets the groups go."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        from torch import _dynamo
+        from torch._inductor import cudagraph_trees
+        _dynamo.reset()
+        cudagraph_trees.reset_cudagraph_trees()
 
 
 def placement(device: torch.device, dtype: torch.dtype) -> Placement:

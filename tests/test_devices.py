@@ -65,3 +65,19 @@ def test_control_messages_go_over_gloo_beside_nccl(monkeypatch):
     distributed._make_control_group(timedelta(seconds=5))
     distributed._make_control_group(timedelta(seconds=5))  # once only
     assert control_group() == "gloo group" and made == [{"backend": "gloo", "timeout": timedelta(seconds=5)}]
+
+
+def test_compiled_cuda_graphs_are_dropped_before_the_groups_at_exit(monkeypatch):
+    """Else destroy_process_group() can hang after NCCL work was captured in a CUDA graph."""
+    import torch._dynamo
+    from torch._inductor import cudagraph_trees
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.append("dynamo"))
+    monkeypatch.setattr(cudagraph_trees, "reset_cudagraph_trees", lambda: calls.append("graphs"))
+    distributed._free_cuda_graphs()
+    assert calls == ["dynamo", "graphs"]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    distributed._free_cuda_graphs()  # a CPU run touches neither
+    assert calls == ["dynamo", "graphs"]
