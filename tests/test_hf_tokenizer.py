@@ -7,8 +7,8 @@ import json
 import pytest
 
 from llama.chat_format import ChatFormat, ChatMLFormat, Llama2ChatFormat, Llama3ChatFormat
-from llama.tokenizer import (_LLAMA3_NAMED_SPECIALS, _LLAMA3_NUM_SPECIAL, _LLAMA3_PATTERN, HuggingFaceTokenizer,
-                             Tokenizer, detect_tokenizer_kind)
+from llama.tiktoken_tokenizer import _LLAMA3_NAMED_SPECIALS, _LLAMA3_NUM_SPECIAL, _LLAMA3_PATTERN
+from llama.tokenizer import HuggingFaceTokenizer, Tokenizer, detect_tokenizer_kind
 
 from .convert_helpers import write_tiny_tokenizer
 

@@ -4,13 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from llama.tokenizer import (
-    MAX_RUN_CHARS,
-    SentencePieceTokenizer,
-    TiktokenTokenizer,
-    Tokenizer,
-    _split_long_runs,
-)
+from llama.tiktoken_tokenizer import MAX_RUN_CHARS, _split_long_runs
+from llama.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
 from tests.tokenizer_files import llama3_tokenizer_path, make_sentencepiece_model
 
 
