@@ -1,8 +1,10 @@
-"""Tokenizers for Llama 2 (SentencePiece), Llama 3 (tiktoken BPE) and converted models (a Hugging
-Face tokenizer.json, run by the `tokenizers` library).
+"""The tokenizer interface: Llama 2 (SentencePiece), Llama 3 (tiktoken BPE) and converted models (a
+Hugging Face tokenizer.json, run by the `tokenizers` library) each have a backend module,
+llama/sentencepiece_tokenizer.py, llama/tiktoken_tokenizer.py and llama/hf_tokenizer.py.
 
 `Tokenizer(path)` looks at the file's content and returns the matching
-subclass, so callers never need to know which model family they hold.
+subclass, so callers never need to know which model family they hold. The backends' classes
+(and TIKTOKEN_MAX_ENCODE_CHARS, MAX_RUN_CHARS) can also be imported from here.
 
 The module is laid out as Meta's llama3 `llama/tokenizer.py`: it also exports `ChatFormat`,
 `Dialog`, `Message` and `Role` (defined in llama/chat_format.py), so
@@ -10,19 +12,15 @@ The module is laid out as Meta's llama3 `llama/tokenizer.py`: it also exports `C
 """
 
 import importlib
-import json
 import operator
 import os
 import re
 from pathlib import Path
 from typing import AbstractSet, Collection, Dict, List, Literal, Sequence, Union
 
-import tokenizers
-
 # Meta's llama3 keeps the chat format in this module; ours lives in llama/chat_format.py, which
 # names Tokenizer only in type hints, so importing it here makes no circle.
 from .chat_format import ChatFormat, Dialog, Message, Role  # noqa: F401
-from .chat_template import find_chat_template
 
 PathLike = Union[str, os.PathLike]
 
@@ -68,7 +66,7 @@ def detect_tokenizer_kind(model_path: PathLike) -> str:
 
     Detection uses the content, not the name: both Meta families call the file
     `tokenizer.model`; a Hugging Face `tokenizer.json` is a JSON object. A new
-    kind only needs a branch here and an entry in `_TOKENIZER_CLASSES`.
+    kind only needs a branch here, its module and entries in `_TOKENIZER_CLASSES` and `_BACKEND_MODULES`.
     """
     path = Path(model_path)
     _check_file(path)
@@ -100,7 +98,7 @@ class Tokenizer:
 
     def __new__(cls, *args, **kwargs):
         if cls is Tokenizer:
-            cls = _backend_class(detect_tokenizer_kind(*args, **kwargs))
+            cls = _from_backend(_TOKENIZER_CLASSES[detect_tokenizer_kind(*args, **kwargs)])
         # Python then calls cls.__init__ with the same arguments.
         return super().__new__(cls)
 
@@ -178,174 +176,30 @@ class Tokenizer:
         return f"{type(self).__name__}(kind={self.kind!r}, n_words={self.n_words})"
 
 
-def _bytes_of_byte_level_chars() -> Dict[str, int]:
-    """GPT-2's byte-level spelling: printable Latin-1 bytes stand for themselves, the other 68 bytes
-    (controls, space, ...) for the characters 256, 257, ... in byte order. Returns char -> byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-                 *range(ord("\xae"), ord("\xff") + 1)]
-    chars = {chr(b): b for b in printable}
-    others = [b for b in range(256) if b not in printable]
-    chars.update({chr(256 + i): b for i, b in enumerate(others)})
-    return chars
-
-
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-def _token_text(value: object) -> Union[str, None]:
-    # tokenizer_config.json spells a token as "<s>" or as {"content": "<s>", ...}.
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-class HuggingFaceTokenizer(Tokenizer):
-    """A Hugging Face tokenizer.json (what `python -m llama.convert` writes), with the special
-    tokens named in tokenizer_config.json beside it: bos_token, eos_token, pad_token, add_bos_token,
-    chat_template, and "stop_tokens" (every token that ends a reply).
-
-    encode(bos=True) adds the BOS token only for models whose own tokenizer does (add_bos_token);
-    SmolLM2, for one, starts its texts without it. Text spelling a special token ("<|im_end|>")
-    is encoded as plain text unless allowed_special names it, as with the other kinds."""
-
-    kind = "huggingface"
-    # End-of-turn tokens of the chat formats: replies stop at them whenever the model has them.
-    END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>")
-
-    def __init__(self, model_path: PathLike):
-        path = Path(model_path)
-        _check_file(path)
-        hint = "Pass --tokenizer_path pointing at the tokenizer.json of a model converted by `python -m llama.convert`."
-        try:
-            self.model = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise ValueError(f"{path} could not be loaded as a Hugging Face tokenizer.json ({e}). {hint}") from None
-        # Even with add_special_tokens=False, `tokenizers` turns "<|im_end|>" written in the text into
-        # the special id; this switch makes it spell such text out with ordinary tokens instead.
-        self.model.encode_special_tokens = True
-        config_path = path.parent / "tokenizer_config.json"
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"{config_path} is missing: it names the BOS/EOS tokens of the tokenizer.json beside it. Convert "
-                f"the model with `python -m llama.convert`, or copy the model's tokenizer_config.json there."
-            ) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{config_path} is not valid JSON ({e}); convert the model again.") from None
-
-        self.n_words = self.model.get_vocab_size(with_added_tokens=True)
-        added = self.model.get_added_tokens_decoder()
-        self._added_text = {i: token.content for i, token in added.items()}
-        self.special_tokens = {token.content: i for i, token in sorted(added.items()) if token.special}
-        self.bos_id = self._id_of(config.get("bos_token"), config_path)
-        self.eos_id = self._id_of(config.get("eos_token"), config_path)
-        self.pad_id = self._id_of(config.get("pad_token"), config_path)
-        add_bos = config.get("add_bos_token")
-        if add_bos is None:  # not stated: does the tokenizer's own post-processor add it?
-            ids = self.model.encode("a", add_special_tokens=True).ids
-            add_bos = bool(ids) and ids[0] == self.bos_id
-        self.add_bos = bool(add_bos) and self.bos_id >= 0
-        self.chat_template = find_chat_template(path.parent, config)
-        stops = [self.eos_id] + [self._id_of(t, config_path) for t in config.get("stop_tokens") or []]
-        stops += [self.special_tokens[t] for t in self.END_OF_TURN if t in self.special_tokens]
-        self.stop_tokens = [t for i, t in enumerate(stops) if t >= 0 and t not in stops[:i]]
-        self._piece_bytes: Union[List[bytes], None] = None  # built on first decode_bytes
-        self._strips_first_space = False
-        self._path = path
-        self.folder = path.parent  # where the chat template was looked for
-
-    def _id_of(self, value: object, config_path: Path) -> int:
-        text = _token_text(value)
-        if text is None:
-            return -1
-        token_id = self.model.token_to_id(text)
-        if token_id is None:
-            raise ValueError(f"{config_path} names the token {text!r}, which the tokenizer.json beside it does not "
-                             f"have; the two files belong to different models")
-        return token_id
-
-    def _adds_bos(self) -> bool:
-        return self.add_bos
-
-    def _encode(self, s: str, allowed: AbstractSet[str]) -> List[int]:
-        allowed = sorted(allowed & set(self.special_tokens), key=len, reverse=True)
-        if not allowed:
-            return self.model.encode(s, add_special_tokens=False).ids
-        # As tiktoken does: cut the text at each allowed special token (the longest first where two
-        # start at the same place), encode the text between as plain text.
-        ids: List[int] = []
-        start = 0
-        for match in re.finditer("|".join(map(re.escape, allowed)), s):
-            if match.start() > start:
-                ids += self.model.encode(s[start:match.start()], add_special_tokens=False).ids
-            ids.append(self.special_tokens[match.group()])
-            start = match.end()
-        if start < len(s):
-            ids += self.model.encode(s[start:], add_special_tokens=False).ids
-        return ids
-
-    def decode(self, t: Union[int, Sequence[int]]) -> str:
-        return self.model.decode(_ids(t), skip_special_tokens=False)
-
-    def decode_bytes(self, t: Sequence[int]) -> bytes:
-        if self._piece_bytes is None:
-            self._piece_bytes = self._build_piece_bytes()
-        table = self._piece_bytes  # ids past the tokenizer (a padded embedding's) have no text
-        out = b"".join(table[int(x)] if int(x) < len(table) else b"" for x in t)
-        if self._strips_first_space and out.startswith(b" "):
-            first = next((int(x) for x in t if int(x) not in self._added_text), None)
-            if first is not None and (self.model.id_to_token(first) or "").startswith("\u2581"):
-                out = out[1:]  # like decode(): the prefix space SentencePiece-style models add is dropped
-        return out
-
-    def _build_piece_bytes(self) -> List[bytes]:
-        decoder = json.loads(self._path.read_text(encoding="utf-8")).get("decoder") or {}
-        steps = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
-        types = {step.get("type") for step in steps}
-        self._strips_first_space = "Strip" in types or any(
-            step.get("type") == "Metaspace" and step.get("prepend_scheme", "always") != "never" for step in steps)
-        byte_level = "ByteLevel" in types
-        chars = _bytes_of_byte_level_chars()
-        table = []
-        for i in range(self.n_words):
-            piece = self.model.id_to_token(i)
-            if i in self._added_text:
-                table.append(self._added_text[i].encode("utf-8"))
-            elif piece is None:
-                table.append(b"")
-            elif byte_level and all(c in chars for c in piece):
-                table.append(bytes(chars[c] for c in piece))
-            elif _BYTE_PIECE.fullmatch(piece):
-                table.append(bytes([int(piece[3:5], 16)]))
-            else:
-                table.append(piece.replace("\u2581", " ").encode("utf-8"))
-        return table
-
-
 _TOKENIZER_CLASSES = {
     "sentencepiece": "SentencePieceTokenizer",
     "tiktoken": "TiktokenTokenizer",
     "huggingface": "HuggingFaceTokenizer",
 }
 
-# The backends' modules, which import this one: so this module imports them only when a name of
-# theirs is first asked for (by Tokenizer(path) or `from llama.tokenizer import ...`), not at its top.
+# Where the backends' names live. Those modules import this one, so this one imports them only when
+# a name of theirs is first asked for, never at its top: no import cycle.
 _BACKEND_MODULES = {
     "SentencePieceTokenizer": ".sentencepiece_tokenizer",
     "TiktokenTokenizer": ".tiktoken_tokenizer",
     "TIKTOKEN_MAX_ENCODE_CHARS": ".tiktoken_tokenizer",
     "MAX_RUN_CHARS": ".tiktoken_tokenizer",
+    "HuggingFaceTokenizer": ".hf_tokenizer",
 }
 
 
-def _backend_class(kind: str) -> type:
-    name = _TOKENIZER_CLASSES[kind]
-    return globals()[name] if name in globals() else __getattr__(name)
+def _from_backend(name: str):
+    """`name` from the backend module that defines it (imported now, if it is not yet)."""
+    return getattr(importlib.import_module(_BACKEND_MODULES[name], __package__), name)
 
 
 def __getattr__(name: str):
-    """The backends' classes and constants, imported on first use (PEP 562)."""
-    if name not in _BACKEND_MODULES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_BACKEND_MODULES[name], __package__), name)
+    """`from llama.tokenizer import TiktokenTokenizer` and the like (PEP 562: called for names not defined here)."""
+    if name in _BACKEND_MODULES:
+        return _from_backend(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
