@@ -57,6 +57,7 @@ class SamplingParams:
     logprobs: bool = False  # the log-probability of each new token
     top_logprobs: int = 0  # also the k most likely (token, logprob) at each new token
     prompt_logprobs: bool = False  # the prompt tokens' log-probabilities (echo), with the first event
+    # (and their top_logprobs most likely rivals, when top_logprobs is set)
     stop_tokens: Tuple[int, ...] = ()  # tokens that end the request (tokenizer.stop_tokens)
 
 
@@ -77,7 +78,9 @@ class TokenEvent:
     finish_reason: None while the request goes on; Finish.STOP_TOKEN or Finish.LENGTH
         (max_new_tokens or the context reached) when it ended with this event.
     prompt_logprobs: on the request's first event, when it asked for them: one per prompt token,
-        0.0 for the first."""
+        0.0 for the first.
+    prompt_top_logprobs: with them, when top_logprobs is set too: the top_logprobs most likely
+        (token, logprob) at each prompt token, None for the first."""
 
     request_id: Hashable
     token: Optional[int]
@@ -85,6 +88,7 @@ class TokenEvent:
     top_logprobs: Optional[List[Tuple[int, float]]] = None
     finish_reason: Optional[str] = None
     prompt_logprobs: Optional[List[float]] = None
+    prompt_top_logprobs: Optional[List[Optional[List[Tuple[int, float]]]]] = None
 
 
 class _Slot:
@@ -100,6 +104,7 @@ class _Slot:
         self.generated = 0
         self.finished = False
         self.prompt_logprobs: Optional[List[float]] = None  # until handed out with the first event
+        self.prompt_top_logprobs: Optional[List[Optional[List[Tuple[int, float]]]]] = None
         self.stop_tokens = frozenset(request.params.stop_tokens)
         seed = request.params.seed
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
@@ -110,11 +115,14 @@ class _Slot:
         p = self.params
         return ("seed", id(self)) if p.seed is not None and p.temperature > 0 else (p.temperature, p.top_p, p.top_k)
 
-    def feed_prompt(self, token: int, logprob: Optional[float]) -> Optional[TokenEvent]:
+    def feed_prompt(self, token: int, logprob: Optional[float],
+                    top: Optional[List[Tuple[int, float]]]) -> Optional[TokenEvent]:
         """Takes its next prompt token (prefill="reference"); an event only if that ends it."""
         self.last = token
         if self.params.prompt_logprobs:
             self.prompt_logprobs.append(logprob)
+            if self.prompt_top_logprobs is not None:
+                self.prompt_top_logprobs.append(top)
         if not self.forced and self.budget == 0:  # the whole prompt seen, no room for a new token
             return self.end(Finish.LENGTH)
         return None
@@ -134,8 +142,9 @@ class _Slot:
 
     def _event(self, token: Optional[int], logprob: Optional[float] = None,
                top: Optional[List[Tuple[int, float]]] = None, finish_reason: Optional[str] = None) -> TokenEvent:
-        event = TokenEvent(self.request.id, token, logprob, top, finish_reason, self.prompt_logprobs)
-        self.prompt_logprobs = None  # handed out with the first event only
+        event = TokenEvent(self.request.id, token, logprob, top, finish_reason, self.prompt_logprobs,
+                           self.prompt_top_logprobs)
+        self.prompt_logprobs = self.prompt_top_logprobs = None  # handed out with the first event only
         return event
 
 
@@ -233,10 +242,15 @@ class Engine:
         if not any(self._slots[slot].params.prompt_logprobs for slot in slots):
             return self.model(tokens, 0, last_index=last_index, kv_len=max(lengths), rows=rows)
         logits = self.model(tokens, 0, kv_len=max(lengths), rows=rows)
-        logprobs = token_logprobs(logits[:, :-1], tokens[:, 1:]).tolist()
+        every = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        logprobs = every.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1).tolist()
         for row, (slot, n) in enumerate(zip(slots, lengths)):
-            if self._slots[slot].params.prompt_logprobs:
-                self._slots[slot].prompt_logprobs = [0.0] + logprobs[row][:n - 1]
+            s = self._slots[slot]
+            if s.params.prompt_logprobs:
+                s.prompt_logprobs = [0.0] + logprobs[row][:n - 1]
+                if s.params.top_logprobs:
+                    values, ids = torch.topk(every[row, :n - 1], min(s.params.top_logprobs, every.shape[-1]))
+                    s.prompt_top_logprobs = [None] + [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
         return logits[torch.arange(len(slots), device=self.device), last_index]
 
     @torch.inference_mode()
@@ -315,7 +329,7 @@ class Engine:
         events = {}
         for row, s in running:
             if row in forced:
-                event = s.feed_prompt(tokens[row], logprobs.chosen(row))
+                event = s.feed_prompt(tokens[row], logprobs.chosen(row), logprobs.top(row, s.params.top_logprobs))
             else:
                 event = s.add(tokens[row], logprobs.chosen(row), logprobs.top(row, s.params.top_logprobs))
             if event is not None:
@@ -346,7 +360,3 @@ class Engine:
         else:
             self.release(self._slots[slot].request.id)
 
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) under the raw (untempered) logits, as Meta reports it."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -44,6 +44,7 @@ class RequestOutput:
         self.logprobs: List[float] = []
         self.top_logprobs: List[List[Tuple[int, float]]] = []
         self.prompt_logprobs: Optional[List[float]] = None  # when asked for (echo with logprobs)
+        self.prompt_top_logprobs: Optional[List[Optional[List[Tuple[int, float]]]]] = None
         self.finish_reason: Optional[str] = None
         self.text = TextStream(tokenizer, stop, prefix=self.prompt if echo else (), errors=errors) \
             if watch_text else None
@@ -60,6 +61,7 @@ class RequestOutput:
             return
         if event.prompt_logprobs is not None:
             self.prompt_logprobs = event.prompt_logprobs
+            self.prompt_top_logprobs = event.prompt_top_logprobs
         if event.token is not None:
             self.tokens.append(event.token)
             if event.logprob is not None:

@@ -23,6 +23,7 @@ from ..distributed import is_main_process
 from ..engine import Engine
 from ..generation import Llama
 from ..lockstep import DEFAULT_TIMEOUT
+from .cors import parse_origins
 from .server import ignore_signals_until_rank0_stops, serve
 from .steps import follow
 
@@ -44,6 +45,7 @@ def main(
     quantize: Optional[str] = None,
     seed: int = 1,
     timeout: float = DEFAULT_TIMEOUT,
+    cors_origins: Optional[str] = None,
 ):
     """--host/--port: where to listen (127.0.0.1 unless told otherwise; --port 0 picks a free port).
     --max_batch_size: requests decoding together; --max_queue: requests that may wait for a slot
@@ -51,11 +53,14 @@ def main(
     checkpoint folder's name). --api_key (or the LLAMA_API_KEY environment variable): clients must
     send 'Authorization: Bearer KEY'. --compile: on by default (a server pays the compile once, on
     the first steps; the compiled code is kept on disk for the next start), --nocompile turns it
-    off. --device, --dtype, --quantize, --seed, --timeout: as in example_text_completion.py."""
+    off. --cors_origins: web origins whose pages may call the API, comma-separated ('*': any);
+    default none (see llama/serve/cors.py). --device, --dtype, --quantize, --seed, --timeout: as in
+    example_text_completion.py."""
     if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
         raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
     if not isinstance(port, int) or not 0 <= port < 65536:
         raise ValueError(f"port must be an integer in [0, 65535] (0: any free port), got {port!r}")
+    origins = parse_origins(cors_origins)
     api_key = api_key if api_key is not None else os.environ.get("LLAMA_API_KEY")
     # fire turns flag values that look like numbers into numbers; names and keys are text
     api_key = None if api_key is None else str(api_key)
@@ -65,7 +70,7 @@ def main(
                         compile=compile_by_default(compile, long_running=True), quantize=quantize)
     engine = Engine(llama.model)  # the server's own: its slots are the rows of the model's KV cache
     if is_main_process():
-        serve(llama, engine, str(host), port, model_name, api_key, max_queue)
+        serve(llama, engine, str(host), port, model_name, api_key, max_queue, origins)
     else:
         ignore_signals_until_rank0_stops()
         follow(engine)

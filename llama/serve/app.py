@@ -8,7 +8,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 from aiohttp import web
 
@@ -16,6 +16,7 @@ from ..chat_format import ChatFormat
 from ..engine import Finish, SamplingParams
 from ..outputs import Delta, RequestOutput
 from ..tokenizer import Tokenizer
+from .cors import Cors
 from .scheduler import Job, Scheduler
 from .schemas import (ApiError, ChatCompletionRequest, CompletionRequest, message_text, parse_body)
 
@@ -34,11 +35,14 @@ class Service:
     utf8_errors: str = "replace"  # streaming.invalid_utf8_errors(tokenizer)
     api_key: Optional[str] = None
     created: int = 0  # when the model was loaded (the "created" of GET /v1/models)
+    fingerprint: str = ""  # OpenAI's system_fingerprint: which model and settings answered
+    cors: Cors = Cors(())
     open_responses: int = 0  # requests whose answer is not fully sent yet
 
 
 def make_app(service: Service) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors(service)])
+    service.cors.install(app)
     routes = _Routes(service)
     app.router.add_get("/health", routes.health)
     app.router.add_get("/v1/models", routes.models)
@@ -52,10 +56,13 @@ def error_response(error: ApiError) -> web.Response:
 
 
 def _errors(service: Service):
-    """Checks the API key, and answers every error with an OpenAI error body."""
+    """Answers CORS preflights, checks the API key, and answers every error with an OpenAI error body."""
 
     @web.middleware
     async def middleware(request: web.Request, handler):
+        preflight = service.cors.preflight(request)
+        if preflight is not None:
+            return preflight
         try:
             if service.api_key is not None and request.path.startswith("/v1/"):
                 if request.headers.get("Authorization", "") != f"Bearer {service.api_key}":
@@ -113,8 +120,8 @@ class _Routes:
         reply = _ChatReply(self.s, body, job, body.logprobs)
         return await _answer(request, job, reply, body.stream)
 
-    def _check_model(self, name: str) -> None:
-        if name != self.s.model_name:
+    def _check_model(self, name: Optional[str]) -> None:
+        if name is not None and name != self.s.model_name:
             raise ApiError(404, f"the model {name!r} does not exist here; this server serves {self.s.model_name!r}",
                            param="model", code="model_not_found")
 
@@ -243,7 +250,8 @@ class _Reply:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _head(self, kind: str) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.service.model_name}
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.service.model_name,
+                "system_fingerprint": self.service.fingerprint}
 
     def opening(self) -> List[dict]:
         return []
@@ -282,20 +290,25 @@ class _CompletionReply(_Reply):
         """OpenAI's completions logprobs: parallel lists, top_logprobs as {token text: logprob}."""
         texts = self.output.token_texts(tokens)
         chosen: List[Optional[float]] = list(logprobs)
-        tops: List[Optional[dict]] = [dict(zip(self.output.token_texts([t for t, _ in top]), (lp for _, lp in top)))
-                                      for top in top_logprobs]
+        tops: List[Optional[dict]] = [self._by_text(top) for top in top_logprobs]
         if with_prompt:
             prompt = self.output.prompt
             prompt_logprobs = list(self.output.prompt_logprobs or [0.0] * len(prompt))
             texts = self.output.token_texts(prompt) + texts
             chosen = [None] + prompt_logprobs[1:] + chosen  # the first prompt token has no logprob
-            tops = [None] * len(prompt) + tops
+            # The first prompt token has no rivals: nothing came before it.
+            prompt_tops = self.output.prompt_top_logprobs or [None] * len(prompt)
+            tops = [None if top is None else self._by_text(top) for top in prompt_tops] + tops
         offsets, at = [], 0
         for text in texts:
             offsets.append(at)
             at += len(text)
         return {"tokens": texts, "token_logprobs": chosen, "top_logprobs": tops if self.body.logprobs else None,
                 "text_offset": offsets}
+
+    def _by_text(self, top: List[Tuple[int, float]]) -> dict:
+        """(token, logprob) pairs as OpenAI's completions show them: {token text: logprob}."""
+        return dict(zip(self.output.token_texts([t for t, _ in top]), (lp for _, lp in top)))
 
 
 class _ChatReply(_Reply):

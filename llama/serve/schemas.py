@@ -36,7 +36,7 @@ class StreamOptions(_Strict):
 
 class _Sampling(_Strict):
     """What completions and chat completions share."""
-    model: str
+    model: Optional[str] = None  # absent: the model this server serves (as llama.cpp and vLLM do)
     temperature: float = Field(1.0, ge=0)  # OpenAI's defaults: temperature 1, top_p 1
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=0)  # an extra of this server: 0 or None keeps every token
@@ -116,6 +116,8 @@ def _refuse_unsupported(r: _Sampling) -> None:
     def refuse(param: str, what: str) -> None:
         raise ApiError(400, f"{param}: {what} is not supported by this server", param=param)
 
+    if r.stream_options is not None and not r.stream:
+        raise ApiError(400, "stream_options is only allowed with stream=true", param="stream_options")
     if r.n != 1:
         refuse("n", "more than one choice per request (n > 1); send separate requests")
     if r.presence_penalty or r.frequency_penalty:

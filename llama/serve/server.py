@@ -12,13 +12,16 @@ The event loop, not the engine thread, owns the signals, so a stop is heard even
 waits in a collective."""
 
 import asyncio
+import hashlib
+import json
 import os
 import signal
 import threading
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from aiohttp import web
 
 from .. import lockstep
@@ -26,6 +29,7 @@ from ..engine import Engine
 from ..generation import Llama
 from ..streaming import invalid_utf8_errors
 from .app import Service, make_app
+from .cors import Cors
 from .scheduler import Scheduler
 from .steps import lead
 
@@ -35,18 +39,18 @@ RESPONSE_FLUSH = 2.0  # how long handlers get to send their last bytes once the 
 
 
 def serve(llama: Llama, engine: Engine, host: str, port: int, model_name: str, api_key: Optional[str],
-          max_queue: int) -> None:
+          max_queue: int, cors_origins: Sequence[str] = ()) -> None:
     """Serves until stopped; raises the engine's error if it failed."""
-    asyncio.run(_serve(llama, engine, host, port, model_name, api_key, max_queue))
+    asyncio.run(_serve(llama, engine, host, port, model_name, api_key, max_queue, cors_origins))
 
 
 async def _serve(llama: Llama, engine: Engine, host: str, port: int, model_name: str, api_key: Optional[str],
-                 max_queue: int) -> None:
+                 max_queue: int, cors_origins: Sequence[str]) -> None:
     loop = asyncio.get_running_loop()
     scheduler = Scheduler(engine.max_batch_size, max_queue, loop)
     service = Service(scheduler, llama.tokenizer, llama.formatter, model_name, llama.model.params.max_seq_len,
                       llama.model.params.vocab_size, invalid_utf8_errors(llama.tokenizer), api_key,
-                      created=int(time.time()))
+                      created=int(time.time()), fingerprint=fingerprint(llama, model_name), cors=Cors(cors_origins))
     runner = web.AppRunner(make_app(service), handler_cancellation=True, access_log=None,
                            shutdown_timeout=RESPONSE_FLUSH)
     await runner.setup()
@@ -99,6 +103,16 @@ async def _serve(llama: Llama, engine: Engine, host: str, port: int, model_name:
     if error is not None:
         raise error
     print("Server stopped: every rank has left its loop", flush=True)
+
+
+def fingerprint(llama: Llama, model_name: str) -> str:
+    """OpenAI's system_fingerprint: the same for every answer of one model with the same weights'
+    precision, context and ranks, so a client can tell when results may change."""
+    p = llama.model.params
+    weights = {name: str(value.dtype) for name, value in llama.model.state_dict().items()}
+    what = json.dumps([model_name, p.max_seq_len, p.vocab_size, p.dim, p.n_layers, sorted(weights.items()),
+                       dist.get_world_size() if dist.is_initialized() else 1])
+    return "fp_" + hashlib.sha256(what.encode()).hexdigest()[:12]
 
 
 def _answer_before_abort(scheduler: Scheduler, service: Service, message: str) -> None:
