@@ -26,7 +26,6 @@ from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .lockstep import fault_point
 from .model import Transformer
 from .sampling import check_sampling, sample_next
 
@@ -257,7 +256,6 @@ class Engine:
     def step(self) -> List[TokenEvent]:
         """One decode step for every running request: feeds its newest token and samples the next.
         Returns one event per request that moved on, in slot order."""
-        fault_point("step")
         occupied = [i for i, s in enumerate(self._slots) if s is not None]
         if not any(not self._slots[i].finished for i in occupied):
             return []

@@ -24,8 +24,7 @@ from .chat_format import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERR
 from .checkpoint import ShardedCheckpoint, assign_weights, check_world_size, iter_rank_weights
 from .distributed import init_model_parallel, placement, resolve_device, resolve_dtype, silence_other_ranks
 from .engine import PREFILL_POLICIES, Engine, Request, SamplingParams
-from .lockstep import (DEFAULT_TIMEOUT, check_same_inputs, check_timeout, fault_point, start_watchdog,
-                       wait_for_all_ranks)
+from .lockstep import DEFAULT_TIMEOUT, check_same_inputs, check_timeout, start_watchdog, wait_for_all_ranks
 from .model import Transformer, skeleton
 from .quantize import DEFAULT_GROUP, check_quantize, check_stored, describe, describe_stored, quantize_model
 from .outputs import RequestOutput
@@ -174,7 +173,6 @@ class Llama:
         model.eval()
         if compile:
             model.compile_decode()
-        fault_point("build")
         wait_for_all_ranks()  # loading can take much longer on some ranks than the collective timeout
         if stored_mode:
             mode = [describe_stored(model)]

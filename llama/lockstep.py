@@ -24,7 +24,6 @@ import atexit
 import hashlib
 import itertools
 import os
-import signal
 import sys
 import threading
 import time
@@ -265,27 +264,3 @@ def check_same_inputs(what: str, values, device: Optional[torch.device] = None) 
             f"one rank and share it (llama.lockstep.share_from_rank0)"
         )
 
-
-# Fault injection, for the tests of all the above only: LLAMA_TEST_FAULT="rank=R,at=WHERE,do=WHAT"
-# makes global rank R fail at WHERE ("build": the end of loading; "step:N": the Nth decoding step
-# of this process) by WHAT ("raise" an exception, "kill" itself with SIGKILL, "hang" forever).
-_FAULT = os.environ.get("LLAMA_TEST_FAULT")
-_steps = itertools.count(1)
-
-
-def fault_point(where: str) -> None:
-    if not _FAULT:
-        return
-    spec = dict(part.split("=", 1) for part in _FAULT.split(","))
-    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
-    if where == "step":
-        where = f"step:{next(_steps)}"
-    if int(spec["rank"]) != rank or spec["at"] != where:
-        return
-    if spec["do"] == "kill":
-        print(f"rank {rank}: killed by LLAMA_TEST_FAULT", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-    if spec["do"] == "hang":
-        while True:
-            time.sleep(60)
-    raise RuntimeError(f"failure injected by LLAMA_TEST_FAULT={_FAULT!r} (a test hook)")

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+FAULTY = "tests/fault_injection.py"  # runs a script or module with the fault LLAMA_TEST_FAULT asks for
 
 
 def torchrun(script: str, *args: str, ranks: int = 2) -> List[str]:

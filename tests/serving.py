@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import List, Optional
 
-from .launch import REPO, assert_nothing_left, processes_tagged, tagged_env, torchrun
+from .launch import FAULTY, REPO, assert_nothing_left, processes_tagged, tagged_env, torchrun
 
 READY = re.compile(r"Serving \S+ at (http://127\.0\.0\.1:\d+/v1) \(ready\)")
 START = 180  # seconds to start and load, on a busy 2-core machine
@@ -25,8 +25,10 @@ class Server:
         flag = {False: ["--nocompile"], True: ["--compile"], None: []}[compile]
         args = ["--ckpt_dir", str(ckpt), "--tokenizer_path", str(ckpt / tokenizer), "--device", "cpu",
                 "--dtype", "fp32", "--port", "0", *flag, *extra]
-        command = [sys.executable, "-m", "llama.serve", *args] if ranks == 1 else \
-            torchrun("-m", "llama.serve", *args, ranks=ranks)
+        program = ["-m", "llama.serve"]
+        if "LLAMA_TEST_FAULT" in env:
+            program = [FAULTY, *program]  # which puts the fault in
+        command = [sys.executable, *program, *args] if ranks == 1 else torchrun(*program, *args, ranks=ranks)
         self.env = tagged_env(**env)
         self.proc = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)

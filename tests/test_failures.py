@@ -4,7 +4,8 @@ within about --timeout seconds, saying which rank failed and why, and no process
 One node: torchrun itself stops the other ranks when one exits with an error. Two "nodes" (two
 torchrun launches on this machine): the other node's rank learns of the failure through the
 process group's store (an error report, or a heartbeat that stops). Faults come from a broken
-checkpoint copy on one node, or from the test hook LLAMA_TEST_FAULT (llama/lockstep.py)."""
+checkpoint copy on one node, or from LLAMA_TEST_FAULT (tests/fault_injection.py, which runs the
+example script with the fault put in)."""
 
 import json
 import shutil
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .launch import REPO, assert_nothing_left, example_args, free_port, tagged_env, torchrun, torchrun_node
+from .launch import FAULTY, REPO, assert_nothing_left, example_args, free_port, tagged_env, torchrun, torchrun_node
 
 TIMEOUT = 5  # --timeout for these runs, seconds
 # A run that never ends is caught by the subprocess time limit. Wall-clock bounds are kept loose, as
@@ -29,8 +30,8 @@ NODE_SKEW_LIMIT = 60
 
 def run_one_node(ckpt, fault: str):
     env = tagged_env(LLAMA_TEST_FAULT=fault)
-    proc = subprocess.run(torchrun("example_text_completion.py", *example_args(ckpt, "--timeout", str(TIMEOUT))),
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_LIMIT)
+    command = torchrun(FAULTY, "example_text_completion.py", *example_args(ckpt, "--timeout", str(TIMEOUT)))
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_LIMIT)
     return proc, env
 
 
@@ -64,7 +65,7 @@ def run_two_nodes(ckpt0: Path, ckpt1: Path, fault: str = ""):
     """Launches node 0 and node 1 together; returns each node's (process, exit time)."""
     port = free_port()
     env = tagged_env(LLAMA_TEST_FAULT=fault)
-    procs = [subprocess.Popen(torchrun_node(n, port, "example_text_completion.py",
+    procs = [subprocess.Popen(torchrun_node(n, port, FAULTY, "example_text_completion.py",
                                             *example_args(ckpt, "--timeout", str(TIMEOUT))),
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for n, ckpt in enumerate((ckpt0, ckpt1))]
