@@ -91,9 +91,6 @@ class Attention(nn.Module):
         # that the step updates in place, rather than as one it must copy in on every replay.
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)
-        # Copy each KV head for its query heads before attention, as Meta's code does. Slower; kept
-        # only so that the benchmark can measure grouped-query attention without the copies.
-        self.repeat_kv = False
         # One new position per sequence through our CPU kernel (llama/csrc/decode_attention.cpp)
         # instead of PyTorch's general one; set by compile_decode where the kernel runs.
         self.decode_kernel = None
@@ -123,15 +120,16 @@ class Attention(nn.Module):
         keys = self.cache_k[:batch, :, :kv_len] if in_order else self.cache_k[rows, :, :kv_len]
         values = self.cache_v[:batch, :, :kv_len] if in_order else self.cache_v[rows, :, :kv_len]
 
-        groups = self.n_local_heads // self.n_local_kv_heads
-        if self.repeat_kv and groups > 1:
-            keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-        if seq == 1 and self.decode_kernel is not None:
-            out = self.decode_kernel(q.transpose(1, 2), keys, values, mask)
-        else:
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=keys.shape[1] != self.n_local_heads)
+        out = self.attend(q.transpose(1, 2), keys, values, mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked softmax attention, each query head reading its group's KV head. q: (batch, heads,
+        seq, head_dim); keys, values: (batch, kv_heads, kv_len, head_dim); mask: (batch, 1, seq,
+        kv_len), True where a query may look. Returns q's shape."""
+        if q.shape[2] == 1 and self.decode_kernel is not None:
+            return self.decode_kernel(q, keys, values, mask)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=keys.shape[1] != q.shape[1])
 
 
 class FeedForward(nn.Module):
