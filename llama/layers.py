@@ -32,6 +32,11 @@ GEMV_MAX_ROWS = 4
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T, with weight (out, in) in x's dtype."""
     rows = x.numel() // x.shape[-1]
+    # Both branches compute the same product; which is faster depends on who runs it, not on the
+    # layer. Fused by the compiler, the multiply-and-sum is one pass over the weight; run eagerly it
+    # would first build the whole (rows, out, in) product. And the same layer runs both ways within
+    # one generation (the compiled decode step, the eager prefill), so no flag set on the layer from
+    # outside could choose: is_compiling() is PyTorch's own word for "this call is being traced".
     if x.device.type == "cpu" and rows <= GEMV_MAX_ROWS and torch.compiler.is_compiling():
         y = (x.unsqueeze(-2) * weight).sum(-1)
     else:
