@@ -220,23 +220,29 @@ def attend_with_copies(attention) -> None:
 def _host_seconds_per_token(generator, new_tokens: int) -> float:
     """Time the decoding loop spends outside the model at batch 1 (sampling, reading the token
     back, stop checks, bookkeeping), per generated token: one generate() with every model call
-    timed. (Exact on CPU; on GPU the model's time would partly show up in the read-back.)"""
-    model, spent = generator.model, []
-    forward = model.forward
+    timed (the eager forward, and the compiled decode step where there is one). (Exact on CPU; on
+    GPU the model's time would partly show up in the read-back.)"""
+    model, engine, spent = generator.model, generator.engine, []
 
-    def timed_forward(*args, **kwargs):
-        start = time.perf_counter()
-        out = forward(*args, **kwargs)
-        spent.append(time.perf_counter() - start)
-        return out
+    def timed(call):
+        def timed_call(*args, **kwargs):
+            start = time.perf_counter()
+            out = call(*args, **kwargs)
+            spent.append(time.perf_counter() - start)
+            return out
+        return timed_call
 
-    model.forward = timed_forward
+    compiled_step = engine.decode_step
+    model.forward = timed(model.forward)
+    if compiled_step is not None:
+        engine.decode_step = timed(compiled_step)
     try:
         start = time.perf_counter()
         generator.generate(prompts_of_lengths([16]), max_gen_len=new_tokens, temperature=0)
         total = time.perf_counter() - start
     finally:
         del model.forward
+        engine.decode_step = compiled_step
     return (total - sum(spent)) / new_tokens
 
 

@@ -21,7 +21,7 @@ order with the same arguments, and the model's collectives keep the ranks togeth
 """
 
 from dataclasses import dataclass
-from typing import Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -170,9 +170,14 @@ class _Logprobs:
 
 
 class Engine:
-    def __init__(self, model: Transformer, *, hold_finished: bool = False):
+    def __init__(self, model: Transformer, *, hold_finished: bool = False,
+                 decode_step: Optional[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = None):
         """model: its KV cache (max_batch_size rows of max_seq_len) holds the slots. One engine per
         model at a time: slots are rows of the model's own cache.
+
+        decode_step: what runs each step's one new token per row in place of the model's eager
+        forward, called as decode_step(tokens (batch, 1), positions (batch,), kv_len) -> logits
+        (batch, vocab): a compiling.CompiledDecode of the model (Llama.build(compile=True)).
 
         hold_finished: a finished request keeps its slot until release(), idle but still sampled
         with its group (the draws are dropped). Meta's loop samples every row of a batch until the
@@ -183,6 +188,7 @@ class Engine:
         self.max_seq_len = model.params.max_seq_len
         self.device = model.norm.weight.device
         self.hold_finished = hold_finished
+        self.decode_step = decode_step
         self._slots: List[Optional[_Slot]] = [None] * self.max_batch_size
         self._slot_of: Dict[Hashable, int] = {}
 
@@ -268,8 +274,12 @@ class Engine:
             if not s.finished:
                 feed[i], positions[i] = s.last, s.position
                 s.position += 1
-        logits = self.model(torch.tensor(feed, device=self.device).unsqueeze(1), torch.tensor(positions),
-                            last_index=torch.zeros(width, dtype=torch.long), kv_len=max(positions) + 1)
+        tokens, kv_len = torch.tensor(feed, device=self.device).unsqueeze(1), max(positions) + 1
+        if self.decode_step is not None:
+            logits = self.decode_step(tokens, torch.tensor(positions), kv_len)
+        else:
+            logits = self.model(tokens, torch.tensor(positions), last_index=torch.zeros(width, dtype=torch.long),
+                                kv_len=kv_len)
         if len(occupied) < width:
             logits = logits[torch.tensor(occupied, dtype=torch.long, device=self.device)]
         events = self._sample(occupied, logits)

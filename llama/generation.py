@@ -22,6 +22,7 @@ from .args import load_params, rope_scaling_factor
 from .chat_format import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR,  # noqa: F401
                           ChatFormat, Dialog, Message, Role)
 from .checkpoint import ShardedCheckpoint, assign_weights, check_world_size, iter_rank_weights
+from .compiling import CompiledDecode
 from .distributed import init_model_parallel, placement, resolve_device, resolve_dtype, silence_other_ranks
 from .engine import PREFILL_POLICIES, Engine, Request, SamplingParams
 from .lockstep import DEFAULT_TIMEOUT, check_same_inputs, check_timeout, start_watchdog, wait_for_all_ranks
@@ -171,8 +172,7 @@ class Llama:
         assign_weights(model, weights, products)
         model.setup_caches(max_batch_size, max_seq_len)
         model.eval()
-        if compile:
-            model.compile_decode()
+        decode_step = CompiledDecode(model) if compile else None
         wait_for_all_ranks()  # loading can take much longer on some ranks than the collective timeout
         if stored_mode:
             mode = [describe_stored(model)]
@@ -182,12 +182,13 @@ class Llama:
             mode = [str(dtype).replace("torch.", "")] + ([cpu_kernels.describe()] if bf16.usable(device, dtype) else [])
         mode += ["compiled decode step"] if compile else []
         print(f"Loaded in {time.time() - start:.2f} seconds ({', '.join(mode)})")
-        return Llama(model, tokenizer, prefill=prefill)
+        return Llama(model, tokenizer, prefill=prefill, decode_step=decode_step)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: Optional[int] = None,
-                 prefill: str = "together"):
+                 prefill: str = "together", decode_step: Optional[CompiledDecode] = None):
         """Meta's constructor (model, tokenizer). Sampling draws from torch's global generator, as in
-        Meta's code: build() seeds it on every rank alike; seed (ours) reseeds it here."""
+        Meta's code: build() seeds it on every rank alike; seed (ours) reseeds it here. decode_step
+        (ours): the engine's one-token step in place of the model's eager forward (see Engine)."""
         if seed is not None:
             torch.manual_seed(seed)
         self.model = model
@@ -197,7 +198,8 @@ class Llama:
         self.device = model.norm.weight.device
         # Meta's loop samples every row of a batch until the whole batch ends; holding finished
         # requests in their slots keeps those draws, so a seed gives Meta's samples.
-        self.engine = Engine(model, hold_finished=True)
+        self.decode_step = decode_step
+        self.engine = Engine(model, hold_finished=True, decode_step=decode_step)
         self._utf8_errors = invalid_utf8_errors(tokenizer)  # for streamed text to match decode()
 
     def generate(

@@ -15,9 +15,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import cpu_kernels
 from .args import ModelArgs
-from .compiling import use_persistent_compile_cache
 from .layers import ColumnParallel, DimParallel, RowParallel, VocabParallel, column_products
 from .rope import rope_frequencies
 
@@ -91,9 +89,10 @@ class Attention(nn.Module):
         # that the step updates in place, rather than as one it must copy in on every replay.
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)
-        # One new position per sequence through our CPU kernel (llama/csrc/decode_attention.cpp)
-        # instead of PyTorch's general one; set by compile_decode where the kernel runs.
-        self.decode_kernel = None
+        # A lever, set from outside: attention for one new position per sequence, called as attend()
+        # is (llama/compiling.py sets our CPU kernel, llama/csrc/decode_attention.cpp, where it
+        # runs); None: PyTorch's scaled_dot_product_attention.
+        self.decode_attention = None
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> None:
         # (batch, kv_heads, position, head_dim): the layout scaled_dot_product_attention reads directly.
@@ -127,8 +126,8 @@ class Attention(nn.Module):
         """Masked softmax attention, each query head reading its group's KV head. q: (batch, heads,
         seq, head_dim); keys, values: (batch, kv_heads, kv_len, head_dim); mask: (batch, 1, seq,
         kv_len), True where a query may look. Returns q's shape."""
-        if q.shape[2] == 1 and self.decode_kernel is not None:
-            return self.decode_kernel(q, keys, values, mask)
+        if q.shape[2] == 1 and self.decode_attention is not None:
+            return self.decode_attention(q, keys, values, mask)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=keys.shape[1] != q.shape[1])
 
 
@@ -175,7 +174,6 @@ class Transformer(nn.Module):
         self.output = ColumnParallel(params.dim, params.vocab_size, bias=False, init_method=_keep)
         self.rope_cos: Optional[torch.Tensor] = None
         self.rope_sin: Optional[torch.Tensor] = None
-        self.compiled_decode = None  # set by compile_decode()
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocates the KV cache and RoPE tables once the weights are real."""
@@ -204,8 +202,6 @@ class Transformer(nn.Module):
         positions = start_pos.unsqueeze(1) + torch.arange(seq, device=tokens.device)  # (batch, seq)
         if kv_len is None:
             kv_len = int(positions.max()) + 1
-        if seq == 1 and last_index is not None and rows is None and self.compiled_decode is not None:
-            return self.compiled_decode(tokens, positions, self._decode_key_positions(kv_len))
         if rows is not None:
             rows = rows.to(tokens.device)
         return self._forward(tokens, positions, torch.arange(kv_len, device=tokens.device), last_index, rows)
@@ -222,37 +218,8 @@ class Transformer(nn.Module):
             h = h[torch.arange(batch, device=h.device), last_index.to(h.device)]
         return self.output(self.norm(h)).float()
 
-    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence, the step llama/compiling.py compiles: tokens and positions
+        (batch, 1), key_positions (kv_len,) the cache positions to attend over. Returns float
+        logits (batch, vocab)."""
         return self._forward(tokens, positions, key_positions)[:, 0]
-
-    def compile_decode(self) -> None:
-        """Compiles the one-token step with torch.compile (the prefill stays eager: it runs once
-        per batch and is compute-bound). On CUDA the step attends over the whole cache, masked, so
-        its shapes never change and it is replayed as a CUDA graph; on CPU the attended length
-        is a dynamic dimension, so one compiled graph serves every step. Each batch size
-        compiles once. The compiled code is kept on disk (llama/compiling.py), so a later process
-        compiling the same model reuses it."""
-        use_persistent_compile_cache()
-        cuda = self.norm.weight.device.type == "cuda"
-        # On CPU, PyTorch's attention kernel spends ~25 us a call setting up for a step's tiny
-        # attention; ours takes about half (in fp32, where it can be built: llama/cpu_kernels.py).
-        if not cuda and self.norm.weight.dtype == torch.float32 and cpu_kernels.load() is None:
-            for layer in self.layers:
-                layer.attention.decode_kernel = cpu_kernels.ops().decode_attention
-        compiled = torch.compile(self._decode_step, mode="reduce-overhead" if cuda else None)
-
-        def decode(*args):
-            # Guards built with this setting skip the checks of every module whose attributes have
-            # not changed since: ~0.4 ms less per step on our CPU (about 6% of an int4 step of SmolLM2).
-            with torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True):
-                return compiled(*args)
-
-        self.compiled_decode = decode
-
-    def _decode_key_positions(self, kv_len: int) -> torch.Tensor:
-        device = self.norm.weight.device
-        if device.type == "cuda":
-            return torch.arange(self.params.max_seq_len, device=device)
-        key_positions = torch.arange(kv_len, device=device)
-        torch._dynamo.maybe_mark_dynamic(key_positions, 0)
-        return key_positions

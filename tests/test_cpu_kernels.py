@@ -167,7 +167,7 @@ def test_a_compiled_fp32_cpu_model_attends_with_our_kernel(llama31_ckpts):
 
     generator = Llama.build(str(llama31_ckpts[1]), str(llama31_ckpts[1] / "tokenizer.model"), max_seq_len=32,
                             max_batch_size=1, device="cpu", dtype="fp32", compile=True)
-    assert all(layer.attention.decode_kernel is not None for layer in generator.model.layers)
+    assert all(layer.attention.decode_attention is not None for layer in generator.model.layers)
 
 
 def test_a_damaged_library_in_the_cache_is_reported_and_falls_back(tmp_path, monkeypatch):

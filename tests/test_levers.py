@@ -6,6 +6,7 @@ import json
 import pytest
 
 from llama import Llama
+from llama.compiling import CompiledDecode
 
 from .test_parallel import assert_same_results, run_example
 
@@ -42,7 +43,7 @@ def assert_same(expected, actual, abs_logprob=1e-5):
 @pytest.mark.parametrize("batch", [1, 6])  # 1: the one-row product path; 6: the matrix product
 def test_compiled_decode_gives_the_plain_paths_tokens(llama31_ckpts, plain, prompts, batch):
     fast = build(llama31_ckpts[1], compile=True)
-    assert fast.model.compiled_decode is not None
+    assert isinstance(fast.engine.decode_step, CompiledDecode)
     expected = greedy(plain, prompts[-batch:])
     assert any(len(t) == 16 for t in expected[0])
     assert_same(expected, greedy(fast, prompts[-batch:]))

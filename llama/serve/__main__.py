@@ -68,7 +68,8 @@ def main(
     llama = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                         max_batch_size=max_batch_size, seed=seed, device=device, dtype=dtype, timeout=timeout,
                         compile=compile_by_default(compile, long_running=True), quantize=quantize)
-    engine = Engine(llama.model)  # the server's own: its slots are the rows of the model's KV cache
+    # The server's own engine: its slots are the rows of the model's KV cache.
+    engine = Engine(llama.model, decode_step=llama.decode_step)
     if is_main_process():
         serve(llama, engine, str(host), port, model_name, api_key, max_queue, origins)
     else:
