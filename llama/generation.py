@@ -8,7 +8,6 @@ The decoding itself runs in llama/engine.py (the server drives the same engine);
 checks arguments, cuts the prompts into batches and turns tokens into results and streams.
 """
 
-import dataclasses
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -16,19 +15,17 @@ from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
-from . import bf16, cpu_kernels, memory
-from .args import load_params, rope_scaling_factor
 # Llama 2's and Llama 3's generation.py define these, and callers import them from there.
 from .chat_format import (B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR,  # noqa: F401
                           ChatFormat, Dialog, Message, Role)
-from .checkpoint import ShardedCheckpoint, assign_weights, check_world_size, iter_rank_weights
 from .compiling import CompiledDecode
-from .distributed import init_model_parallel, placement, resolve_device, resolve_dtype, silence_other_ranks
+from .distributed import init_model_parallel, resolve_device, resolve_dtype, silence_other_ranks
 from .engine import PREFILL_POLICIES, Engine, Request, SamplingParams
+from .loading import load_args, load_model
 from .lockstep import DEFAULT_TIMEOUT, check_same_inputs, check_timeout, start_watchdog, wait_for_all_ranks
-from .model import Transformer, skeleton
-from .quantize import DEFAULT_GROUP, check_quantize, check_stored, describe, describe_stored, quantize_model
+from .model import Transformer
 from .outputs import RequestOutput
+from .quantize import DEFAULT_GROUP
 from .sampling import check_sampling, sample_top_p  # noqa: F401
 from .streaming import check_stop, invalid_utf8_errors
 from .tokenizer import Tokenizer
@@ -130,56 +127,12 @@ class Llama:
         start_watchdog(timeout)
         silence_other_ranks()
         tokenizer = Tokenizer(tokenizer_path)
-        args = load_params(Path(ckpt_dir), max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        if args.vocab_size == -1:
-            args = dataclasses.replace(args, vocab_size=tokenizer.n_words)
-        elif args.vocab_size != tokenizer.n_words and not (
-                # Hugging Face models often pad the embedding past the tokenizer (to a round size).
-                tokenizer.kind == "huggingface" and args.vocab_size > tokenizer.n_words):
-            raise ValueError(
-                f"params.json says vocab_size={args.vocab_size} but the tokenizer {tokenizer_path} has "
-                f"{tokenizer.n_words} tokens; pass the tokenizer that belongs to this checkpoint"
-            )
-
+        args = load_args(Path(ckpt_dir), tokenizer, tokenizer_path, max_seq_len, max_batch_size)
         torch.manual_seed(seed)
         start = time.time()
-        where = placement(device, dtype)
-        check_world_size(args, where.world_size)
-        checkpoint = ShardedCheckpoint(Path(ckpt_dir), args)
-        stored_mode = check_stored(checkpoint.quantization, quantize, args, where.world_size, device)
-        if stored_mode in ("int4", "int8"):  # our quantizer's blocks: what is left float (a tied output) too
-            quantize = stored_mode
-        check_quantize(quantize, quant_group, args, where.world_size, device)
-        if args.use_scaled_rope:
-            factor, reason = rope_scaling_factor(args, tied_embeddings=checkpoint.tied)
-            args = dataclasses.replace(args, rope_scaling_factor=factor)
-            print(f"RoPE scaling factor {factor:g} ({reason})")
-        embedding_split = checkpoint.embedding_split_on_disk or (
-            "dim" if tokenizer.kind == "sentencepiece" else "vocab")
-        need = memory.estimate(args, where.world_size, where.rank, dtype, checkpoint.tied, embedding_split,
-                               quantize, quant_group, stored_types=checkpoint.types)
-        memory.check_fits(need, device, dtype, args, memory.available_bytes(device), quantize)
-        # Build the skeleton without memory, then give it this rank's slices as its weights.
-        with skeleton():
-            model = Transformer(args, embedding_split)
-        # Each layer becomes its quantized (or bf16) products as soon as it is read.
-        products = None
-        if quantize is not None or stored_mode:
-            products = lambda module: quantize_model(module, quantize, quant_group)  # noqa: E731
-        elif bf16.usable(device, dtype):
-            products = bf16.use_bf16_products
-        weights = iter_rank_weights(checkpoint, where.rank, where.world_size, embedding_split, device, dtype)
-        assign_weights(model, weights, products)
-        model.setup_caches(max_batch_size, max_seq_len)
-        model.eval()
+        model, mode = load_model(Path(ckpt_dir), args, tokenizer, device, dtype, quantize, quant_group)
         decode_step = CompiledDecode(model) if compile else None
         wait_for_all_ranks()  # loading can take much longer on some ranks than the collective timeout
-        if stored_mode:
-            mode = [describe_stored(model)]
-        elif quantize:
-            mode = [describe(quantize, quant_group)]
-        else:
-            mode = [str(dtype).replace("torch.", "")] + ([cpu_kernels.describe()] if bf16.usable(device, dtype) else [])
         mode += ["compiled decode step"] if compile else []
         print(f"Loaded in {time.time() - start:.2f} seconds ({', '.join(mode)})")
         return Llama(model, tokenizer, prefill=prefill, decode_step=decode_step)

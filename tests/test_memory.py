@@ -27,7 +27,7 @@ def test_a_model_that_does_not_fit_is_refused_before_loading(llama31_ckpts, monk
     monkeypatch.setattr(memory, "available_bytes", lambda device: 50 << 20)  # 50 MiB free
     monkeypatch.setattr(memory, "RUNTIME_BYTES", 0)
     loaded = []
-    monkeypatch.setattr("llama.generation.iter_rank_weights", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("llama.loading.iter_rank_weights", lambda *a, **k: loaded.append(1))
     with pytest.raises(MemoryError) as refused:
         Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=4096, max_batch_size=8,
                     device="cpu", dtype="fp32")
