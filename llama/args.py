@@ -138,3 +138,10 @@ def load_params(ckpt_dir: Path, **overrides: Any) -> ModelArgs:
     if not isinstance(params, dict):
         raise ValueError(f"{path} must hold a JSON object of model parameters")
     return ModelArgs.from_dict(params, source=str(path), **overrides)
+
+
+def cache_length(max_seq_len: int) -> int:
+    """The KV cache's positions: max_seq_len rounded up to a multiple of 16, since CUDA's attention
+    kernels refuse a mask whose last dimension is not aligned (pytorch#121943). The extra
+    positions are never written and always masked."""
+    return -(-max_seq_len // 16) * 16

@@ -9,11 +9,12 @@ per-user folder that survives reboots, so a second start of the same model compi
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
 from . import cpu_kernels
+from .args import cache_length
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # PyTorch's own setting; a value the user gave is kept
 
@@ -37,27 +38,36 @@ def use_persistent_compile_cache() -> Path:
     return Path(os.environ[CACHE_ENV])
 
 
+def key_bucket(kv_len: int, cache_len: int, smallest: int = 256) -> int:
+    """How many cache positions a compiled CUDA step attends over for kv_len live ones: the next
+    power of two, at least `smallest`, at most the whole cache (a multiple of 16, as the mask
+    must be). The positions past kv_len are masked."""
+    return min(max(smallest, 1 << (kv_len - 1).bit_length()), cache_len)
+
+
 class CompiledDecode:
     """The model's one-token step (Transformer.decode_step) under torch.compile, applied from
     outside the model: Llama.build(compile=True) makes one and hands it to the engine, which calls
     it for every decode step (the prefill stays eager: it runs once per batch and is compute-bound).
 
-    On CUDA the step attends over the whole cache, masked, so its shapes never change and it is
-    replayed as a CUDA graph; on CPU the attended length is a dynamic dimension, so one compiled
-    graph serves every step. Each batch size compiles once. The compiled code is kept on disk
+    On CUDA the step attends over a bucket of the cache (key_bucket: a power of two from 256 on),
+    masked, so its shapes change only a few times in a sequence's life and each bucket is replayed
+    as a CUDA graph, rather than reading the whole cache every step; on CPU the attended length is
+    a dynamic dimension, so one compiled graph serves every step. Each batch size compiles once. The compiled code is kept on disk
     (use_persistent_compile_cache), so a later process compiling the same model reuses it."""
 
     def __init__(self, model):
         use_persistent_compile_cache()
         weight = model.norm.weight
         self.device = weight.device
-        self.whole_cache = model.params.max_seq_len if self.device.type == "cuda" else None
+        self.cache_len = cache_length(model.params.max_seq_len) if self.device.type == "cuda" else None
+        self._key_positions: Dict[int, torch.Tensor] = {}  # by bucket (CUDA): made once, not every step
         # On CPU, PyTorch's attention kernel spends ~25 us a call setting up for a step's tiny
         # attention; ours takes about half (in fp32, where it can be built: llama/cpu_kernels.py).
         if self.device.type == "cpu" and weight.dtype == torch.float32 and cpu_kernels.load() is None:
             for layer in model.layers:
                 layer.attention.decode_attention = cpu_kernels.ops().decode_attention
-        self.compiled = torch.compile(model.decode_step, mode=None if self.whole_cache is None else "reduce-overhead")
+        self.compiled = torch.compile(model.decode_step, mode=None if self.cache_len is None else "reduce-overhead")
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, start_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -65,8 +75,11 @@ class CompiledDecode:
         kv_len: the cache positions to attend over (> every position). Returns float logits
         (batch, vocab), as the model's forward with last_index would."""
         positions = start_pos.to(self.device).unsqueeze(1)
-        if self.whole_cache is not None:
-            key_positions = torch.arange(self.whole_cache, device=self.device)
+        if self.cache_len is not None:
+            bucket = key_bucket(kv_len, self.cache_len)
+            key_positions = self._key_positions.get(bucket)
+            if key_positions is None:
+                key_positions = self._key_positions[bucket] = torch.arange(bucket, device=self.device)
         else:
             key_positions = torch.arange(kv_len, device=self.device)
             torch._dynamo.maybe_mark_dynamic(key_positions, 0)

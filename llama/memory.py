@@ -15,7 +15,7 @@ from typing import Dict, Optional
 import torch
 
 from . import blocks
-from .args import ModelArgs
+from .args import ModelArgs, cache_length
 from .checkpoint import expected_shapes, rank_slice
 
 LOAD_OVERHEAD = 1.10  # measured: peak above the interpreter is 1.10x a rank's weights (README)
@@ -83,7 +83,7 @@ def estimate(args: ModelArgs, world: int, rank: int, dtype: torch.dtype, tied: b
     quantized = bool(quantize or stored_types)
     loading = max(block_float.values(), default=0) if quantized else int(held * (LOAD_OVERHEAD - 1))
     kv_heads = max(1, args.n_kv_heads // world)
-    kv = 2 * args.n_layers * args.max_batch_size * args.max_seq_len * kv_heads * args.head_dim * bytes_per
+    kv = 2 * args.n_layers * args.max_batch_size * cache_length(args.max_seq_len) * kv_heads * args.head_dim * bytes_per
     return Estimate(held, loading, kv, RUNTIME_BYTES)
 
 

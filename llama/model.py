@@ -15,7 +15,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .args import ModelArgs
+from .args import ModelArgs, cache_length
 from .layers import ColumnParallel, DimParallel, RowParallel, VocabParallel, column_products
 from .rope import rope_frequencies
 
@@ -96,7 +96,7 @@ class Attention(nn.Module):
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> None:
         # (batch, kv_heads, position, head_dim): the layout scaled_dot_product_attention reads directly.
-        shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
+        shape = (max_batch_size, self.n_local_kv_heads, cache_length(max_seq_len), self.head_dim)
         self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
 
@@ -115,20 +115,38 @@ class Attention(nn.Module):
             rows = torch.arange(batch, device=x.device)
         self.cache_k[rows.unsqueeze(1), :, positions] = k
         self.cache_v[rows.unsqueeze(1), :, positions] = v
-        kv_len = mask.shape[-1]
+        kv_len = seq if mask is None else mask.shape[-1]  # no mask: causal from position 0
         keys = self.cache_k[:batch, :, :kv_len] if in_order else self.cache_k[rows, :, :kv_len]
         values = self.cache_v[:batch, :, :kv_len] if in_order else self.cache_v[rows, :, :kv_len]
 
         out = self.attend(q.transpose(1, 2), keys, values, mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Masked softmax attention, each query head reading its group's KV head. q: (batch, heads,
         seq, head_dim); keys, values: (batch, kv_heads, kv_len, head_dim); mask: (batch, 1, seq,
-        kv_len), True where a query may look. Returns q's shape."""
-        if q.shape[2] == 1 and self.decode_attention is not None:
+        kv_len), True where a query may look, or None for causal attention from position 0 (q's
+        positions are then keys' positions). Returns q's shape."""
+        one_position = q.shape[2] == 1 and mask is not None
+        if one_position and self.decode_attention is not None:
             return self.decode_attention(q, keys, values, mask)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=keys.shape[1] != q.shape[1])
+        if one_position and q.is_cuda and keys.shape[1] != q.shape[1]:
+            return attend_groups_folded(q, keys, values, mask)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=keys.shape[1] != q.shape[1])
+
+
+def attend_groups_folded(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One new position per sequence with grouped KV heads, as an attention of kv_heads heads over
+    `groups` query positions each: a shape CUDA's memory-efficient kernel takes with a mask (with
+    unequal head counts SDPA falls back to its math kernel, which copies K/V for every query head
+    and builds the whole score matrix). q: (batch, heads, 1, head_dim); the rest as attend()."""
+    batch, heads, _, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    folded = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # query head h reads KV head h // groups
+    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask)
+    return out.reshape(batch, heads, 1, head_dim)
 
 
 class FeedForward(nn.Module):
@@ -184,7 +202,8 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos, last_index: Optional[torch.Tensor] = None,
-                kv_len: Optional[int] = None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+                kv_len: Optional[int] = None, rows: Optional[torch.Tensor] = None,
+                causal: Optional[bool] = None) -> torch.Tensor:
         """tokens: (batch, seq). start_pos: an int, or a (batch,) tensor giving each row's position
         of tokens[:, 0]. Keys/values are written to the cache at those positions, and each query
         attends to its own row's cache up to its position.
@@ -194,8 +213,16 @@ class Transformer(nn.Module):
         kv_len: how many cache positions to attend over (> every position in this call); a caller
         that knows it avoids reading positions back from the device.
         rows: (batch,) the KV-cache row of each batch row (default: the first `batch` rows), so that
-        new prompts can be prefilled into free slots while other rows hold running sequences."""
+        new prompts can be prefilled into free slots while other rows hold running sequences.
+        causal: for a prefill from position 0 (start_pos 0, kv_len = seq), attend causally with no
+        mask, which CUDA's fast attention kernels need (they refuse any mask); None: on CUDA only
+        (on CPU the masked call is as fast, and keeps its results to the last bit)."""
         batch, seq = tokens.shape
+        from_start = not isinstance(start_pos, torch.Tensor) and int(start_pos) == 0 and kv_len in (None, seq)
+        if causal is None:
+            causal = from_start and tokens.is_cuda
+        elif causal and not from_start:
+            raise ValueError("causal=True needs a prefill from position 0 (start_pos 0, kv_len equal to seq)")
         if not isinstance(start_pos, torch.Tensor):
             start_pos = torch.full((batch,), int(start_pos), dtype=torch.long)
         start_pos = start_pos.to(tokens.device)
@@ -204,12 +231,13 @@ class Transformer(nn.Module):
             kv_len = int(positions.max()) + 1
         if rows is not None:
             rows = rows.to(tokens.device)
-        return self._forward(tokens, positions, torch.arange(kv_len, device=tokens.device), last_index, rows)
+        return self._forward(tokens, positions, torch.arange(kv_len, device=tokens.device), last_index, rows, causal)
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor,
-                 last_index: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 last_index: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None,
+                 causal: bool = False) -> torch.Tensor:
         batch = tokens.shape[0]
-        mask = (key_positions <= positions.unsqueeze(-1)).unsqueeze(1)  # (batch, 1, seq, kv_len)
+        mask = None if causal else (key_positions <= positions.unsqueeze(-1)).unsqueeze(1)  # (batch, 1, seq, kv_len)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
