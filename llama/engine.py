@@ -148,25 +148,28 @@ class _Slot:
 
 
 class _Logprobs:
-    """Log-probabilities under the raw logits, for the rows that asked: computed in one pass."""
+    """Log-probabilities under the raw logits, for the rows that asked: computed in one pass, and
+    read back from the device once (the chosen tokens' and the most likely ones at once)."""
 
-    def __init__(self, rows: List[int], logits: torch.Tensor, chosen: torch.Tensor):
+    def __init__(self, rows: List[int], logits: torch.Tensor, chosen: torch.Tensor, top_k: int):
         self._index = {row: n for n, row in enumerate(rows)}
-        self._all = self._chosen = None
+        self._chosen: List[float] = []
+        self._top: List[List[Tuple[int, float]]] = []
         if rows:
             index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-            self._all = F.log_softmax(logits[index].float(), dim=-1)
-            self._chosen = self._all.gather(-1, chosen[index].unsqueeze(-1)).squeeze(-1).tolist()
+            every = F.log_softmax(logits[index].float(), dim=-1)
+            self._chosen = every.gather(-1, chosen[index].unsqueeze(-1)).squeeze(-1).tolist()
+            if top_k:
+                values, ids = torch.topk(every, min(top_k, every.shape[-1]))
+                self._top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
     def chosen(self, row: int) -> Optional[float]:
         n = self._index.get(row)
         return None if n is None else self._chosen[n]
 
     def top(self, row: int, k: int) -> Optional[List[Tuple[int, float]]]:
-        if not k:
-            return None
-        values, ids = torch.topk(self._all[self._index[row]], min(k, self._all.shape[-1]))
-        return list(zip(ids.tolist(), values.tolist()))
+        """The k most likely (token, logprob), most likely first; None when k is 0."""
+        return self._top[self._index[row]][:k] if k else None
 
 
 class Engine:
@@ -332,7 +335,7 @@ class Engine:
                 forced.add(row)
         want = [row for row, s in running if s.params.logprobs or s.params.top_logprobs
                 or (row in forced and s.params.prompt_logprobs)]
-        logprobs = _Logprobs(want, logits, chosen)
+        logprobs = _Logprobs(want, logits, chosen, max((s.params.top_logprobs for _, s in running), default=0))
         tokens = chosen.tolist()
         events = {}
         for row, s in running:
