@@ -8,7 +8,8 @@ from typing import Dict, Optional
 import torch
 
 from .args import ModelArgs
-from .checkpoint import expected_shapes, save_consolidated
+from .checkpoint import expected_shapes
+from .saving import save_consolidated
 
 
 def random_weights(params: dict, vocab_size: int, tied: bool = False, seed: int = 0) -> Dict[str, torch.Tensor]:

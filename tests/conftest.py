@@ -11,7 +11,7 @@ import pytest
 # transformers (the converter tests' reference) must only read local files, never the hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from llama.checkpoint import save_consolidated
+from llama.saving import save_consolidated
 from llama.random_model import random_weights
 from llama.random_model import write_random_checkpoint as write_checkpoint
 

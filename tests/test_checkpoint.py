@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from llama.args import ModelArgs
-from llama.checkpoint import ShardedCheckpoint, load_rank_weights, rank_slice, save_consolidated
+from llama.checkpoint import ShardedCheckpoint, load_rank_weights, rank_slice
+from llama.saving import save_consolidated
 from llama.model import Transformer, skeleton
 from llama.random_model import random_weights
 

@@ -17,7 +17,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from ..checkpoint import WeightValue, save_consolidated_streaming
+from ..checkpoint import WeightValue
+from ..saving import save_consolidated_streaming
 from ..dtypes import DTYPES, dtype_name
 from ..quantize import DEFAULT_GROUP, GROUP_CHOICES, QUANTIZE_CHOICES, stored_blocks
 from ..stored import QuantizedWeight, Record
