@@ -7,7 +7,7 @@ requirements = [line.strip() for line in (here / "requirements.txt").read_text()
                 if line.strip() and not line.startswith("#")]
 
 CONVERT = ["gguf>=0.16", "safetensors>=0.4", "tqdm>=4.60"]
-SERVE = ["aiohttp>=3.9", "pydantic>=2.5"]
+SERVE = ["aiohttp>=3.9", "pydantic>=2.5", "prometheus_client>=0.17"]
 
 setup(
     name="llama",
@@ -22,7 +22,8 @@ setup(
     extras_require={
         # python -m llama.convert: GGUF files, safetensors folders, a progress bar.
         "convert": CONVERT,
-        # python -m llama.serve: the HTTP server (aiohttp) and its request schemas (pydantic).
+        # python -m llama.serve: the HTTP server (aiohttp), its request schemas (pydantic) and
+        # its /metrics in Prometheus's format (prometheus_client).
         "serve": SERVE,
         # llama-models ships Meta's real Llama 3 tokenizer, used by the tests; transformers (with
         # accelerate for its GGUF loading) is the reference the converter is checked against.

@@ -107,3 +107,36 @@ def test_no_cross_origin_access_by_default(ckpt):
         assert health.status_code == 200 and "Access-Control-Allow-Origin" not in health.headers
     finally:
         assert srv.stop() == 0, srv.output[-3000:]
+
+
+def test_metrics_count_what_was_sent(server):
+    """GET /metrics in Prometheus's text format (read back with prometheus_client's own parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape():
+        reply = httpx.get(server.url.removesuffix("/v1") + "/metrics")
+        assert reply.status_code == 200 and reply.headers["Content-Type"].startswith("text/plain")
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(reply.text) for s in family.samples}
+
+    def value(samples, name, **labels):
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    before = scrape()
+    for _ in range(2):
+        assert post(server, "/completions", {"prompt": [1, 2, 3, 4], "max_tokens": 5, "temperature": 0,
+                                             "stop": None}).status_code == 200
+    assert post(server, "/completions", {"prompt": "Hi", "max_tokens": 0}).status_code == 400
+    after = scrape()
+    done = value(after, "llama_requests_total", endpoint="/v1/completions", status="200") - \
+        value(before, "llama_requests_total", endpoint="/v1/completions", status="200")
+    assert done == 2
+    assert value(after, "llama_requests_total", endpoint="/v1/completions", status="400") - \
+        value(before, "llama_requests_total", endpoint="/v1/completions", status="400") == 1
+    assert value(after, "llama_prompt_tokens_total") - value(before, "llama_prompt_tokens_total") == 8
+    generated = value(after, "llama_generated_tokens_total") - value(before, "llama_generated_tokens_total")
+    assert 2 <= generated <= 10  # at most 5 each; a stop token may end one sooner
+    for histogram in ("llama_time_to_first_token_seconds", "llama_request_latency_seconds"):
+        assert value(after, histogram + "_count") - value(before, histogram + "_count") == 2
+    assert value(after, "llama_requests_running") == 0 and value(after, "llama_requests_waiting") == 0
+    assert value(after, "llama_free_slots") >= 1

@@ -13,6 +13,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 try:
     import aiohttp  # noqa: F401
+    import prometheus_client  # noqa: F401
     import pydantic  # noqa: F401
 except ImportError as e:
     raise SystemExit(f"python -m llama.serve needs the `serve` extra ({e.name} is missing): "

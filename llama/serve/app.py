@@ -17,6 +17,7 @@ from ..engine import Finish, SamplingParams
 from ..outputs import Delta, RequestOutput
 from ..tokenizer import Tokenizer
 from .cors import Cors
+from .metrics import Metrics
 from .scheduler import Job, Scheduler
 from .schemas import (ApiError, ChatCompletionRequest, CompletionRequest, message_text, parse_body)
 
@@ -37,6 +38,7 @@ class Service:
     created: int = 0  # when the model was loaded (the "created" of GET /v1/models)
     fingerprint: str = ""  # OpenAI's system_fingerprint: which model and settings answered
     cors: Cors = Cors(())
+    metrics: Optional[Metrics] = None
     open_responses: int = 0  # requests whose answer is not fully sent yet
 
 
@@ -46,6 +48,7 @@ def make_app(service: Service) -> web.Application:
     routes = _Routes(service)
     app.router.add_get("/health", routes.health)
     app.router.add_get("/v1/models", routes.models)
+    app.router.add_get("/metrics", routes.metrics)
     app.router.add_post("/v1/completions", routes.completions)
     app.router.add_post("/v1/chat/completions", routes.chat_completions)
     return app
@@ -63,6 +66,13 @@ def _errors(service: Service):
         preflight = service.cors.preflight(request)
         if preflight is not None:
             return preflight
+        response = await _answer_errors(request, handler)
+        if service.metrics is not None:
+            endpoint = request.path if request.match_info.route.resource is not None else "other"
+            service.metrics.requests.labels(endpoint, str(response.status)).inc()
+        return response
+
+    async def _answer_errors(request: web.Request, handler):
         try:
             if service.api_key is not None and request.path.startswith("/v1/"):
                 if request.headers.get("Authorization", "") != f"Bearer {service.api_key}":
@@ -91,6 +101,12 @@ class _Routes:
         if not self.s.scheduler.available:
             return error_response(ApiError(503, "the server is stopping", code="unavailable"))
         return web.json_response({"status": "ok"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if self.s.metrics is None:
+            raise ApiError(404, "metrics are off on this server")
+        body, content_type = self.s.metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
@@ -225,6 +241,8 @@ class _Reply:
                                     errors=service.utf8_errors)
         self.text: List[str] = []
         self.finish_reason: Optional[str] = None
+        self.arrived = time.monotonic()
+        self.first_token: Optional[float] = None
 
     async def next(self) -> Union[Delta, ApiError]:
         """What the next iteration added (its finish_reason in OpenAI's words), or the error that
@@ -237,8 +255,13 @@ class _Reply:
         if self.output.finished:
             self.service.scheduler.release(self.job)
         delta = self.output.take()
+        if delta.tokens and self.first_token is None:
+            self.first_token = time.monotonic()
         if delta.finish_reason is not None:
             delta.finish_reason = "length" if delta.finish_reason == Finish.LENGTH else "stop"
+            if self.service.metrics is not None:
+                self.service.metrics.finished(len(self.output.prompt), len(self.output.tokens), self.arrived,
+                                              self.first_token or time.monotonic(), time.monotonic())
         return delta
 
     def add(self, update: Delta) -> None:

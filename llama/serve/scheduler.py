@@ -112,6 +112,12 @@ class Scheduler:
         if self._stop_at is not None:
             raise ApiError(503, "the server is shutting down", code="shutting_down")
 
+    def sizes(self) -> tuple:
+        """(running, waiting, free slots), for the metrics."""
+        with self._lock:
+            running = len(self._running)
+            return running, len(self._waiting), max(0, self.max_batch_size - running - len(self._release))
+
     @property
     def available(self) -> bool:
         with self._lock:

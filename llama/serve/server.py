@@ -30,6 +30,7 @@ from ..generation import Llama
 from ..streaming import invalid_utf8_errors
 from .app import Service, make_app
 from .cors import Cors
+from .metrics import Metrics
 from .scheduler import Scheduler
 from .steps import lead
 
@@ -50,7 +51,8 @@ async def _serve(llama: Llama, engine: Engine, host: str, port: int, model_name:
     scheduler = Scheduler(engine.max_batch_size, max_queue, loop)
     service = Service(scheduler, llama.tokenizer, llama.formatter, model_name, llama.model.params.max_seq_len,
                       llama.model.params.vocab_size, invalid_utf8_errors(llama.tokenizer), api_key,
-                      created=int(time.time()), fingerprint=fingerprint(llama, model_name), cors=Cors(cors_origins))
+                      created=int(time.time()), fingerprint=fingerprint(llama, model_name), cors=Cors(cors_origins),
+                      metrics=Metrics(scheduler.sizes))
     runner = web.AppRunner(make_app(service), handler_cancellation=True, access_log=None,
                            shutdown_timeout=RESPONSE_FLUSH)
     await runner.setup()
