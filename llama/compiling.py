@@ -8,13 +8,16 @@ per-user folder that survives reboots, so a second start of the same model compi
 """
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import cpu_kernels
 from .args import cache_length
+from .distributed import collective_timeout
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # PyTorch's own setting; a value the user gave is kept
 
@@ -45,23 +48,47 @@ def key_bucket(kv_len: int, cache_len: int, smallest: int = 256) -> int:
     return min(max(smallest, 1 << (kv_len - 1).bit_length()), cache_len)
 
 
+def padded_widths(max_batch_size: int) -> List[int]:
+    """The batch widths a CUDA step is padded to: the powers of two below max_batch_size, and
+    max_batch_size itself. Each width is its own CUDA graph, so a few of them serve every batch."""
+    return [w for w in (1 << n for n in range(max_batch_size.bit_length())) if w < max_batch_size] + [max_batch_size]
+
+
+# How long a step that may compile lets the model's collectives wait for the other ranks: compile
+# times differ between ranks (a cold cache on one, a warm one on another), by minutes at worst.
+FIRST_STEP_TIMEOUT = 30 * 60.0
+
+
 class CompiledDecode:
     """The model's one-token step (Transformer.decode_step) under torch.compile, applied from
     outside the model: Llama.build(compile=True) makes one and hands it to the engine, which calls
     it for every decode step (the prefill stays eager: it runs once per batch and is compute-bound).
 
-    On CUDA the step attends over a bucket of the cache (key_bucket: a power of two from 256 on),
-    masked, so its shapes change only a few times in a sequence's life and each bucket is replayed
-    as a CUDA graph, rather than reading the whole cache every step; on CPU the attended length is
-    a dynamic dimension, so one compiled graph serves every step. Each batch size compiles once. The compiled code is kept on disk
-    (use_persistent_compile_cache), so a later process compiling the same model reuses it."""
+    On CPU the batch width and the attended length are dynamic dimensions, so a few compiled graphs
+    serve every step (dynamo compiles width 1 apart, and splits wider batches where the products
+    change form: layers.GEMV_MAX_ROWS). On CUDA each shape is replayed as a CUDA graph, so shapes
+    are kept few: the batch is padded to one of padded_widths() (placeholder rows at position 0
+    of free cache rows, which the engine leaves past its last occupied slot), and the step attends
+    over a bucket of the cache (key_bucket: a power of two from 256 on), masked, rather than the
+    whole cache every step.
 
-    def __init__(self, model):
+    A shape's first call may compile, for tens of seconds (minutes on a large model with a cold
+    cache), so it runs with a long collective timeout (distributed.collective_timeout); warm_up()
+    makes every such call up front, for a server that must not stall once it says it is ready.
+    The compiled code is kept on disk (use_persistent_compile_cache), so a later process compiling
+    the same model reuses it."""
+
+    def __init__(self, model, pad_widths: Optional[bool] = None):
+        """pad_widths: pad the batch to padded_widths() (default: on CUDA only)."""
         use_persistent_compile_cache()
         weight = model.norm.weight
         self.device = weight.device
+        self.max_batch_size = model.params.max_batch_size
         self.cache_len = cache_length(model.params.max_seq_len) if self.device.type == "cuda" else None
+        self.widths = padded_widths(self.max_batch_size) if (self.device.type == "cuda" if pad_widths is None
+                                                              else pad_widths) else None
         self._key_positions: Dict[int, torch.Tensor] = {}  # by bucket (CUDA): made once, not every step
+        self._shapes_run = set()  # (width, key bucket) that have run: they will not compile again
         # On CPU, PyTorch's attention kernel spends ~25 us a call setting up for a step's tiny
         # attention; ours takes about half (in fp32, where it can be built: llama/cpu_kernels.py).
         if self.device.type == "cpu" and weight.dtype == torch.float32 and cpu_kernels.load() is None:
@@ -74,16 +101,39 @@ class CompiledDecode:
         """tokens (batch, 1) on the model's device; start_pos (batch,) each row's position;
         kv_len: the cache positions to attend over (> every position). Returns float logits
         (batch, vocab), as the model's forward with last_index would."""
+        batch = tokens.shape[0]
         positions = start_pos.to(self.device).unsqueeze(1)
+        width = batch if self.widths is None else next(w for w in self.widths if w >= batch)
+        if width > batch:  # placeholder rows: token 0 at position 0 of free cache rows
+            tokens = F.pad(tokens, (0, 0, 0, width - batch))
+            positions = F.pad(positions, (0, 0, 0, width - batch))
         if self.cache_len is not None:
             bucket = key_bucket(kv_len, self.cache_len)
             key_positions = self._key_positions.get(bucket)
             if key_positions is None:
                 key_positions = self._key_positions[bucket] = torch.arange(bucket, device=self.device)
         else:
+            bucket = None
             key_positions = torch.arange(kv_len, device=self.device)
             torch._dynamo.maybe_mark_dynamic(key_positions, 0)
+        shape = (width, bucket)
         # Guards built with this setting skip the checks of every module whose attributes have
         # not changed since: ~0.4 ms less per step on our CPU (about 6% of an int4 step of SmolLM2).
-        with torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True):
-            return self.compiled(tokens, positions, key_positions)
+        with torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True), \
+                (nullcontext() if shape in self._shapes_run else collective_timeout(FIRST_STEP_TIMEOUT)):
+            logits = self.compiled(tokens, positions, key_positions)
+        self._shapes_run.add(shape)
+        return logits[:batch]
+
+    @torch.inference_mode()  # as the engine's steps run: inference tensors are guarded apart
+    def warm_up(self) -> None:
+        """Runs every shape the engine's steps can take, so none compiles later (a server calls
+        this on every rank, in step, before it says it is ready). The placeholder rows write at
+        position 0 of every cache row: call it before any request holds a slot."""
+        widths = self.widths or range(1, self.max_batch_size + 1)  # CPU: cheap once the few graphs exist
+        kv_lens = [2] if self.cache_len is None else sorted({key_bucket(n, self.cache_len)
+                                                             for n in range(1, self.cache_len + 1)})
+        for width in widths:
+            for kv_len in kv_lens:
+                self(torch.zeros((width, 1), dtype=torch.long, device=self.device),
+                     torch.zeros(width, dtype=torch.long), kv_len)

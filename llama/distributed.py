@@ -4,9 +4,10 @@ nodes) and as a plain single process."""
 import atexit
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,7 @@ import torch.distributed.distributed_c10d as c10d
 import torch.distributed.nn.functional  # noqa: F401
 from fairscale.nn.model_parallel.initialize import (
     destroy_model_parallel,
+    get_model_parallel_group,
     get_model_parallel_rank,
     get_model_parallel_world_size,
     initialize_model_parallel,
@@ -96,7 +98,9 @@ def init_model_parallel(device: torch.device, model_parallel_size: Optional[int]
                         timeout: timedelta = timedelta(minutes=10)) -> None:
     """Joins (or creates) the process group and fairscale's model-parallel groups. A collective
     that waits longer than `timeout` for the other ranks raises."""
+    global _collective_timeout
     if not dist.is_initialized():
+        _collective_timeout = timeout
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # launched by torchrun
             if device.type == "cuda":
@@ -134,6 +138,26 @@ def init_model_parallel(device: torch.device, model_parallel_size: Optional[int]
 
 
 _control_group: Optional[dist.ProcessGroup] = None
+_collective_timeout = timedelta(minutes=10)  # the groups' timeout, as init_model_parallel set it
+
+
+@contextmanager
+def collective_timeout(seconds: float) -> Iterator[None]:
+    """Lets the model's collectives wait up to `seconds` inside the block, then restores the
+    groups' own timeout. For a step that may compile first: compile times differ between ranks
+    by minutes with a cold cache, and the first rank done would wait in the step's first
+    collective longer than the usual timeout allows (NCCL's watchdog would then abort it)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        yield
+        return
+    groups = [None] + ([get_model_parallel_group()] if model_parallel_is_initialized() else [])
+    for group in groups:
+        c10d._set_pg_timeout(timedelta(seconds=seconds), group)
+    try:
+        yield
+    finally:
+        for group in groups:
+            c10d._set_pg_timeout(_collective_timeout, group)
 
 
 def _make_control_group(timeout: timedelta) -> None:

@@ -5,8 +5,11 @@ import json
 
 import pytest
 
+from torch._dynamo.utils import counters
+
 from llama import Llama
 from llama.compiling import CompiledDecode
+from llama.engine import Engine, Request, SamplingParams
 
 from .test_parallel import assert_same_results, run_example
 
@@ -47,6 +50,32 @@ def test_compiled_decode_gives_the_plain_paths_tokens(llama31_ckpts, plain, prom
     expected = greedy(plain, prompts[-batch:])
     assert any(len(t) == 16 for t in expected[0])
     assert_same(expected, greedy(fast, prompts[-batch:]))
+
+
+def test_after_warm_up_no_batch_width_compiles(llama31_ckpts, prompts):
+    """A server warms its compiled step up before it says it is ready (issue 21): after that, no
+    batch width from 1 to max_batch_size and no attended length compiles again."""
+    fast = build(llama31_ckpts[1], compile=True)
+    fast.decode_step.warm_up()
+    graphs = counters["stats"]["unique_graphs"]
+    engine = Engine(fast.model, decode_step=fast.decode_step)
+    greedy_params = SamplingParams(temperature=0, max_new_tokens=3)
+    for width in range(1, len(prompts) + 1):
+        batch = [Request((width, n), prompts[n], greedy_params) for n in range(width)]
+        engine.admit(batch)
+        while engine.active:
+            engine.step()
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_padded_batch_widths_give_the_plain_paths_tokens(llama31_ckpts, plain, prompts):
+    """The batch padded to a few widths, as on CUDA (one CUDA graph each): 3 and 5 rows run as 4
+    and 6, placeholder rows in the free cache rows, the real rows' tokens unchanged."""
+    fast = build(llama31_ckpts[1])
+    fast.engine.decode_step = CompiledDecode(fast.model, pad_widths=True)
+    assert fast.engine.decode_step.widths == [1, 2, 4, 6]
+    for batch in (3, 5):
+        assert_same(greedy(plain, prompts[:batch]), greedy(fast, prompts[:batch]))
 
 
 def test_reference_prefill_gives_the_same_tokens_and_logprobs(llama31_ckpts, plain, prompts):

@@ -5,6 +5,7 @@ python -m llama.serve ...   (one process)
 """
 
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -52,9 +53,9 @@ def main(
     --max_batch_size: requests decoding together; --max_queue: requests that may wait for a slot
     (beyond them the server answers 429). --model_name: the name clients ask for (default: the
     checkpoint folder's name). --api_key (or the LLAMA_API_KEY environment variable): clients must
-    send 'Authorization: Bearer KEY'. --compile: on by default (a server pays the compile once, on
-    the first steps; the compiled code is kept on disk for the next start), --nocompile turns it
-    off. --cors_origins: web origins whose pages may call the API, comma-separated ('*': any);
+    send 'Authorization: Bearer KEY'. --compile: on by default (a server pays the compile once,
+    before it says it is ready, for every batch width; the compiled code is kept on disk for the
+    next start), --nocompile turns it off. --cors_origins: web origins whose pages may call the API, comma-separated ('*': any);
     default none (see llama/serve/cors.py). --device, --dtype, --quantize, --seed, --timeout: as in
     example_text_completion.py."""
     if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
@@ -69,6 +70,12 @@ def main(
     llama = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                         max_batch_size=max_batch_size, seed=seed, device=device, dtype=dtype, timeout=timeout,
                         compile=compile_by_default(compile, long_running=True), quantize=quantize)
+    if llama.decode_step is not None:  # every batch width compiled now, not in the first bursts
+        started = time.perf_counter()
+        print("Compiling the decode step for every batch width (seconds with a warm compile cache, "
+              "minutes with a cold one)", flush=True)
+        llama.decode_step.warm_up()
+        print(f"Compiled in {time.perf_counter() - started:.1f} s", flush=True)
     # The server's own engine: its slots are the rows of the model's KV cache.
     engine = Engine(llama.model, decode_step=llama.decode_step)
     if is_main_process():
