@@ -156,7 +156,7 @@ class _Logprobs:
         self._chosen: List[float] = []
         self._top: List[List[Tuple[int, float]]] = []
         if rows:
-            index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+            index = _on_device(rows, logits.device)
             every = F.log_softmax(logits[index].float(), dim=-1)
             self._chosen = every.gather(-1, chosen[index].unsqueeze(-1)).squeeze(-1).tolist()
             if top_k:
@@ -277,14 +277,16 @@ class Engine:
             if not s.finished:
                 feed[i], positions[i] = s.last, s.position
                 s.position += 1
-        tokens, kv_len = torch.tensor(feed, device=self.device).unsqueeze(1), max(positions) + 1
+        kv_len = max(positions) + 1
+        tokens, start_pos = _on_device([feed, positions], self.device)  # one copy to the device
+        tokens = tokens.unsqueeze(1)
         if self.decode_step is not None:
-            logits = self.decode_step(tokens, torch.tensor(positions), kv_len)
+            logits = self.decode_step(tokens, start_pos, kv_len)
         else:
-            logits = self.model(tokens, torch.tensor(positions), last_index=torch.zeros(width, dtype=torch.long),
-                                kv_len=kv_len)
+            logits = self.model(tokens, start_pos, kv_len=kv_len,
+                                last_index=torch.zeros(width, dtype=torch.long, device=self.device))
         if len(occupied) < width:
-            logits = logits[torch.tensor(occupied, dtype=torch.long, device=self.device)]
+            logits = logits[_on_device(occupied, self.device)]
         events = self._sample(occupied, logits)
         return [events[i] for i in occupied if i in events]
 
@@ -361,7 +363,7 @@ class Engine:
         chosen = torch.empty(len(slots), dtype=torch.long, device=logits.device)
         for rows in groups.values():
             p, generator = slots[rows[0]].params, slots[rows[0]].generator
-            index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+            index = _on_device(rows, logits.device)
             chosen[index] = sample_next(logits[index], p.temperature, p.top_p, p.top_k, generator)
         return chosen
 
@@ -371,3 +373,12 @@ class Engine:
         else:
             self.release(self._slots[slot].request.id)
 
+
+def _on_device(values: list, device: torch.device) -> torch.Tensor:
+    """A list of ints (or of equal-length lists) as a long tensor on `device`. On CUDA it is copied
+    from pinned memory without making the host wait, so that a step's only wait for the GPU is
+    reading its chosen tokens back."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
