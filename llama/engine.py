@@ -3,7 +3,8 @@
 `admit` prefills new requests into free slots together (one forward over prompts of different
 lengths, each written at its own cache row) and samples each one's first token; `step` feeds every
 running request its newest token at its own position and samples the next; `release` frees a slot
-at once. Requests come and go between steps, so the same engine runs Llama.generate's fixed batches
+at once. With a prefill chunk (the server's), a prompt longer than the chunk is prefilled a chunk
+per step instead, before that step's decode, so the running requests keep their pace. Requests come and go between steps, so the same engine runs Llama.generate's fixed batches
 and a server's continuous batching.
 
 The engine decides only what needs the model: slots, positions, stop tokens and budgets. What a
@@ -93,11 +94,15 @@ class TokenEvent:
 class _Slot:
     """A request in its cache row: where its next token goes, and how many it may still add."""
 
-    def __init__(self, request: Request, prefilled: int, budget: int, device: torch.device):
+    def __init__(self, request: Request, prefilled: int, budget: int, device: torch.device, order: int,
+                 in_chunks: bool = False):
         self.request = request
         self.params = request.params
-        self.position = prefilled  # where the next fed token is written
-        self.forced = list(request.prompt[prefilled:])  # prompt tokens still to feed, one per step
+        self.order = order  # when it was admitted: chunked prefills go oldest first
+        self.position = prefilled  # where the next fed (or prefilled) token is written
+        # prompt tokens still to feed, one per step (prefill="reference"), or to prefill in chunks
+        self.forced = [] if in_chunks else list(request.prompt[prefilled:])
+        self.prefilling = in_chunks
         self.last: Optional[int] = None  # the newest token, fed at the next step
         self.budget = budget  # new tokens it may add
         self.generated = 0
@@ -174,7 +179,8 @@ class _Logprobs:
 
 class Engine:
     def __init__(self, model: Transformer, *, hold_finished: bool = False,
-                 decode_step: Optional[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = None):
+                 decode_step: Optional[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = None,
+                 prefill_chunk: Optional[int] = None):
         """model: its KV cache (max_batch_size rows of max_seq_len) holds the slots. One engine per
         model at a time: slots are rows of the model's own cache.
 
@@ -185,13 +191,24 @@ class Engine:
         hold_finished: a finished request keeps its slot until release(), idle but still sampled
         with its group (the draws are dropped). Meta's loop samples every row of a batch until the
         whole batch ends; Llama.generate holds finished requests to draw the same random numbers.
-        By default a finished request frees its slot at once."""
+        By default a finished request frees its slot at once.
+
+        prefill_chunk: a prompt of more tokens is not prefilled by admit() but by the steps, at most
+        this many prompt tokens per step (all such prompts together, oldest first), each step's
+        decode following; so a long prompt arriving holds the running requests up by one chunk's
+        prefill per step rather than by its whole prefill at once. Prompts that ask for their
+        logprobs are prefilled whole. None: every prompt whole, in admit()."""
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be None or an integer >= 1, got {prefill_chunk!r}")
         self.model = model
         self.max_batch_size = model.params.max_batch_size
         self.max_seq_len = model.params.max_seq_len
         self.device = model.norm.weight.device
         self.hold_finished = hold_finished
         self.decode_step = decode_step
+        self.prefill_chunk = prefill_chunk
+        self._admitted = 0
         self._slots: List[Optional[_Slot]] = [None] * self.max_batch_size
         self._slot_of: Dict[Hashable, int] = {}
 
@@ -217,12 +234,21 @@ class Engine:
         lengths = [len(r.prompt) for r in requests]
         if prefill == "reference":
             lengths = [min(lengths)] * len(requests)
+        now, now_lengths = [], []  # prefilled here, the rest in chunks by the steps
         for slot, r, n in zip(free, requests, lengths):
             room = self.max_seq_len - len(r.prompt)
             budget = room if r.params.max_new_tokens is None else min(r.params.max_new_tokens, room)
-            self._slots[slot] = _Slot(r, n, budget, self.device)
+            in_chunks = (prefill == "together" and self.prefill_chunk is not None and n > self.prefill_chunk
+                         and budget > 0 and not r.params.prompt_logprobs)
+            self._slots[slot] = _Slot(r, 0 if in_chunks else n, budget, self.device, self._admitted, in_chunks)
+            self._admitted += 1
             self._slot_of[r.id] = slot
-        last = self._prefill(free, lengths)
+            if not in_chunks:
+                now.append(slot)
+                now_lengths.append(n)
+        if not now:
+            return []
+        free, last = now, self._prefill(now, now_lengths)
         events = {}
         for slot in free:
             s = self._slots[slot]
@@ -263,18 +289,25 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> List[TokenEvent]:
-        """One decode step for every running request: feeds its newest token and samples the next.
-        Returns one event per request that moved on, in slot order."""
+        """The next prefill chunk, if any prompt is being prefilled in chunks (see prefill_chunk),
+        then one decode step for every running request: feeds its newest token and samples the
+        next. Returns one event per request that moved on: those whose prefill ended first, then
+        the rest in slot order."""
+        events = self._prefill_next_chunk()
         occupied = [i for i, s in enumerate(self._slots) if s is not None]
-        if not any(not self._slots[i].finished for i in occupied):
-            return []
+        decoding = [i for i in occupied if not self._slots[i].finished and not self._slots[i].prefilling]
+        if not decoding:
+            return list(events.values())
         # Rows run from the first slot to the last occupied one (a view of the cache); free and
-        # finished rows in between feed a placeholder at position 0, which no one reads.
+        # finished rows in between feed a placeholder at position 0, which no one reads, and rows
+        # still prefilling one where their next chunk will write.
         width = occupied[-1] + 1
         feed, positions = [0] * width, [0] * width
         for i in occupied:
             s = self._slots[i]
-            if not s.finished:
+            if s.prefilling:
+                positions[i] = s.position
+            elif not s.finished:
                 feed[i], positions[i] = s.last, s.position
                 s.position += 1
         kv_len = max(positions) + 1
@@ -285,10 +318,33 @@ class Engine:
         else:
             logits = self.model(tokens, start_pos, kv_len=kv_len,
                                 last_index=torch.zeros(width, dtype=torch.long, device=self.device))
-        if len(occupied) < width:
-            logits = logits[_on_device(occupied, self.device)]
-        events = self._sample(occupied, logits)
-        return [events[i] for i in occupied if i in events]
+        sampled = [i for i in occupied if not self._slots[i].prefilling]  # held finished ones too
+        if len(sampled) < width:
+            logits = logits[_on_device(sampled, self.device)]
+        stepped = self._sample(sampled, logits)
+        return list(events.values()) + [stepped[i] for i in sampled if i in stepped]
+
+    def _prefill_next_chunk(self) -> Dict[int, TokenEvent]:
+        """Prefills up to prefill_chunk more prompt tokens of the requests prefilling in chunks,
+        oldest first, each from where its last chunk ended; a request whose whole prompt is in
+        samples its first token. Returns their events."""
+        waiting = sorted((s.order, i) for i, s in enumerate(self._slots) if s is not None and s.prefilling)
+        room, events = self.prefill_chunk, {}
+        for _, slot in waiting:
+            if room == 0:
+                break
+            s = self._slots[slot]
+            start = s.position
+            chunk = s.request.prompt[start:start + room]
+            tokens = _on_device([list(chunk)], self.device)
+            last = self.model(tokens, start, kv_len=start + len(chunk), rows=_on_device([slot], self.device),
+                              last_index=_on_device([len(chunk) - 1], self.device))
+            s.position += len(chunk)
+            room -= len(chunk)
+            if s.position == len(s.request.prompt):
+                s.prefilling = False
+                events.update(self._sample([slot], last))
+        return events
 
     def release(self, request_id: Hashable) -> bool:
         """Frees the request's slot now (finished, cancelled, or a stop string found above the

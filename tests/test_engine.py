@@ -2,6 +2,8 @@
 freed by others, with their own settings, give the tokens they give alone (Llama.generate, which
 the Meta-parity tests check against Meta's code)."""
 
+import math
+
 import pytest
 import torch
 
@@ -68,6 +70,36 @@ def test_requests_joining_and_leaving_decode_as_alone(llama, prompts, alone):
     tokens, logprobs, ends = outputs[0]
     assert tokens == alone[0][0][:len(tokens)] and 0 < len(tokens) < NEW[0] and ends == []
     for i in range(1, 7):
+        tokens, logprobs, ends = outputs[i]
+        assert tokens == alone[i][0], i
+        assert logprobs == pytest.approx(alone[i][1], abs=1e-4)
+        assert ends == ["length"]
+
+
+def test_chunked_prefill_decodes_as_alone(llama, prompts, alone):
+    """With prefill_chunk (the server's), prompts longer than the chunk are prefilled 4 tokens a
+    step, before each step's decode of the running requests: every request's tokens and logprobs
+    are still those it gives alone."""
+    engine = Engine(llama.model, prefill_chunk=4)
+    greedy = [SamplingParams(temperature=0, max_new_tokens=n, logprobs=True) for n in NEW]
+    requests = [Request(i, p, params) for i, (p, params) in enumerate(zip(prompts, greedy))]
+    assert len(prompts[0]) <= 4 < len(prompts[1])
+    outputs = {}
+    collect(outputs, engine.admit(requests[:2]))
+    assert 0 in outputs and 1 not in outputs  # the short prompt at once, the long one in chunks
+    steps = 0
+    while 1 not in outputs:
+        collect(outputs, engine.step())
+        steps += 1
+    assert steps == math.ceil(len(prompts[1]) / 4)
+    collect(outputs, engine.admit(requests[2:4]))  # two long prompts, prefilled oldest first
+    while engine.active:
+        collect(outputs, engine.step())
+        for i in range(4, 7):
+            if i not in outputs and i not in engine and engine.free_slots:
+                collect(outputs, engine.admit(requests[i:i + 1]))
+    assert engine.free_slots == 4 and sorted(outputs) == list(range(7))
+    for i in range(7):
         tokens, logprobs, ends = outputs[i]
         assert tokens == alone[i][0], i
         assert logprobs == pytest.approx(alone[i][1], abs=1e-4)

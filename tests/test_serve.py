@@ -27,10 +27,12 @@ DIALOG = [{"role": "system", "content": "Be brief."}, {"role": "user", "content"
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])
 def server(request, llama31_ckpts):
-    """8 slots and a queue of 8, so that 16 requests at once fill both."""
+    """8 slots and a queue of 8, so that 16 requests at once fill both. Prompts of more than 5 tokens
+    are prefilled 5 tokens a step (chunked prefill), so every answer checked against the runner,
+    which prefills whole prompts, checks the chunks too."""
     ranks = request.param
     srv = Server(llama31_ckpts[ranks], ranks, "--max_batch_size", "8", "--max_queue", "8", "--max_seq_len", "128",
-                 "--model_name", MODEL, "--api_key", API_KEY)
+                 "--model_name", MODEL, "--api_key", API_KEY, "--prefill_chunk", "5")
     yield srv
     code = srv.stop()
     assert code == 0 if ranks == 1 else code is not None, srv.output[-3000:]  # torchrun exits with 1 after SIGTERM

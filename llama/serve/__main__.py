@@ -48,6 +48,7 @@ def main(
     seed: int = 1,
     timeout: float = DEFAULT_TIMEOUT,
     cors_origins: Optional[str] = None,
+    prefill_chunk: int = 256,
 ):
     """--host/--port: where to listen (127.0.0.1 unless told otherwise; --port 0 picks a free port).
     --max_batch_size: requests decoding together; --max_queue: requests that may wait for a slot
@@ -56,12 +57,16 @@ def main(
     send 'Authorization: Bearer KEY'. --compile: on by default (a server pays the compile once,
     before it says it is ready, for every batch width; the compiled code is kept on disk for the
     next start), --nocompile turns it off. --cors_origins: web origins whose pages may call the API, comma-separated ('*': any);
-    default none (see llama/serve/cors.py). --device, --dtype, --quantize, --seed, --timeout: as in
+    default none (see llama/serve/cors.py). --prefill_chunk N: a prompt longer than N tokens is
+    prefilled N tokens per step, between the running requests' steps, so they keep their pace
+    (0: every prompt whole, at once). --device, --dtype, --quantize, --seed, --timeout: as in
     example_text_completion.py."""
     if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
         raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
     if not isinstance(port, int) or not 0 <= port < 65536:
         raise ValueError(f"port must be an integer in [0, 65535] (0: any free port), got {port!r}")
+    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 0:
+        raise ValueError(f"prefill_chunk must be an integer >= 0 (0: prompts prefilled whole), got {prefill_chunk!r}")
     origins = parse_origins(cors_origins)
     api_key = api_key if api_key is not None else os.environ.get("LLAMA_API_KEY")
     # fire turns flag values that look like numbers into numbers; names and keys are text
@@ -77,7 +82,7 @@ def main(
         llama.decode_step.warm_up()
         print(f"Compiled in {time.perf_counter() - started:.1f} s", flush=True)
     # The server's own engine: its slots are the rows of the model's KV cache.
-    engine = Engine(llama.model, decode_step=llama.decode_step)
+    engine = Engine(llama.model, decode_step=llama.decode_step, prefill_chunk=prefill_chunk or None)
     if is_main_process():
         serve(llama, engine, str(host), port, model_name, api_key, max_queue, origins)
     else:
