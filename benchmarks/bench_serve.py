@@ -173,7 +173,8 @@ def start_server(args, env) -> Tuple[subprocess.Popen, str]:
 
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), "-m", "llama.serve",
-           "--port", str(port), "--compile" if args.compile else "--nocompile", *common_flags(args)]
+           "--port", str(port), "--compile" if args.compile else "--nocompile", *common_flags(args),
+           *getattr(args, "server_flags", [])]
     server = subprocess.Popen(cmd, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
@@ -219,6 +220,27 @@ def run_server_modes(args, env) -> List[Dict]:
             summary(f"continuous batching ({args.clients} clients)", together, wall_together)]
 
 
+def run_bursts(args, env) -> List[Dict]:
+    """The concurrent load args.bursts times, from the moment the server says it is ready, no
+    warm-up: what a fresh server's first clients see, against its later bursts."""
+    import httpx
+
+    requests = workload(args.requests, args.max_tokens)
+    started = time.perf_counter()
+    server, url = start_server(args, env)
+    print(f"ready {time.perf_counter() - started:.1f} s after the start", flush=True)
+    try:
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        rows = []
+        for n in range(1, args.bursts + 1):
+            records, wall = asyncio.run(drive(url, model, requests, args.clients))
+            rows.append(summary(f"burst {n} ({args.clients} clients)", records, wall))
+            print(table(rows[-1:]), flush=True)
+    finally:
+        stop_server(server)
+    return rows
+
+
 def common_flags(args) -> List[str]:
     return ["--ckpt_dir", args.ckpt_dir, "--tokenizer_path", args.tokenizer_path,
             "--max_batch_size", str(args.max_batch_size), "--max_seq_len", str(args.max_seq_len)]
@@ -246,6 +268,8 @@ def main() -> None:
                         help="the same max_tokens for every request (default: a fixed mix, mean 64)")
     parser.add_argument("--compile", action="store_true",
                         help="compiled decode step in every mode (default: eager in every mode)")
+    parser.add_argument("--bursts", type=int, default=0,
+                        help="only the concurrent load, this many times from the server's start, no warm-up")
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--workdir", default="/tmp")
     parser.add_argument("--static_worker", action="store_true", help=argparse.SUPPRESS)
@@ -257,6 +281,13 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     print(f"load average before: {os.getloadavg()}", flush=True)
+    if args.bursts:
+        rows = run_bursts(args, env)
+        print(f"load average after: {os.getloadavg()}")
+        print(table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2) + "\n")
+        return
     static = run_static(args, env)
     alone, continuous = run_server_modes(args, env)
     rows = [alone, static, continuous]
