@@ -93,14 +93,14 @@ def test_a_run_goes_on_past_a_failing_check_skips_what_it_cannot_and_writes_ever
               fake_check("facts")]
     out = tmp_path / "run.json"
     facts = {"gpus": 1}
-    assert gpu_check_main.run_all(checks, out, facts, budget=100, prepare_workdir=lambda path: None) == 1
+    assert gpu_check_main.run_all(checks, out, facts, budget=100, prepare_workdir=lambda path, gpus: None) == 1
     doc = json.loads(out.read_text())
     assert [(r["check"], r["status"]) for r in doc["rows"]] == [("fake", "PASS"), ("fake", "FAIL"), ("fake", "SKIP"),
                                                                 ("two", "SKIP"), ("fake", "WARN"), ("fake", "WARN"),
                                                                 ("fake", "WARN")]
     assert "needs 2 GPUs; this machine shows 1" in doc["rows"][3]["detail"] and doc["device"]["name"] == "fake GPU"
     assert (tmp_path / "run_logs" / "fake.log").is_file() and "PASS 1, FAIL 1, WARN 3, SKIP 2" in capsys.readouterr().out
-    assert gpu_check_main.run_all(checks[2:], out, facts, budget=5, prepare_workdir=lambda path: None) == 0
+    assert gpu_check_main.run_all(checks[2:], out, facts, budget=5, prepare_workdir=lambda path, gpus: None) == 0
     assert "out of time" in json.loads(out.read_text())["rows"][0]["detail"]
 
 

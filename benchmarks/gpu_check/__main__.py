@@ -10,6 +10,7 @@ to a folder beside the JSON (gpu_check_logs/ for gpu_check.json). Exit code: 1 w
 """
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,23 +57,39 @@ def dry_run(checks: List[Check], out: Path, facts: Dict[str, object], reason: st
     return 0
 
 
-def prepare(workdir: Path) -> None:
-    """The small checkpoints the checks load, as 1 and 2 shards (CPU work, before any check)."""
+def prepare(workdir: Path, gpus: int) -> None:
+    """The small checkpoint the checks load (CPU work, before any check); as 2 shards too where
+    the 2-rank check will run."""
     from .models import write_tiny_checkpoint
 
-    for shards in (1, 2):
+    for shards in (1, 2) if gpus >= 2 else (1,):
         write_tiny_checkpoint(workdir / f"tiny-mp{shards}", shards)
 
 
 def run_all(checks: List[Check], out: Path, facts: Dict[str, object], budget: float,
-            prepare_workdir: Callable[[Path], None] = prepare, **extra) -> int:
+            prepare_workdir: Callable[[Path, int], None] = prepare, **extra) -> int:
     """Runs the checks one after another within `budget` seconds; writes the JSON after each."""
     start = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    log_dir = out.parent / f"{out.stem}_logs"
+    try:
+        rows = _run_checks(checks, out, facts, budget, workdir, prepare_workdir, start, extra)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    print(table(rows))
+    counts = summary(rows)
+    print(", ".join(f"{s} {n}" for s, n in counts.items()) + f"; wrote {out} (logs in {_log_dir(out)})")
+    return 1 if counts["FAIL"] else 0
+
+
+def _log_dir(out: Path) -> Path:
+    return out.parent / f"{out.stem}_logs"
+
+
+def _run_checks(checks, out, facts, budget, workdir, prepare_workdir, start, extra) -> List[Row]:
     rows: List[Row] = []
     try:
-        prepare_workdir(workdir)
+        prepare_workdir(workdir, facts["gpus"])
     except Exception as e:  # noqa: BLE001  the checks that need the checkpoints then fail on their own
         print(f"could not write the small checkpoints: {type(e).__name__}: {e}")
     for check in checks:
@@ -86,17 +103,13 @@ def run_all(checks: List[Check], out: Path, facts: Dict[str, object], budget: fl
         else:
             began = time.monotonic()
             print(f"[{check.name}] up to {min(check.budget, left):.0f} s ...", flush=True)
-            found, info = run_check(check, Context(workdir, log_dir, min(check.budget, left), REPO))
+            found, info = run_check(check, Context(workdir, _log_dir(out), min(check.budget, left), REPO))
             facts.update(info)
             print(f"[{check.name}] {time.monotonic() - began:.0f} s: " +
                   ", ".join(f"{r.name} {r.status}" for r in found), flush=True)
         rows += found
         write_json(out, rows, facts, dry_run=False, seconds=time.monotonic() - start, **extra)  # kept if killed
-    print()
-    print(table(rows))
-    counts = summary(rows)
-    print(", ".join(f"{s} {n}" for s, n in counts.items()) + f"; wrote {out} (logs in {log_dir})")
-    return 1 if counts["FAIL"] else 0
+    return rows
 
 
 def main(argv: List[str] = None) -> int:

@@ -84,11 +84,11 @@ def syncs_per_step(llama: Llama, prompt_tokens: List[List[int]], steps: int) -> 
     return sum(where.values()) / steps, where
 
 
-def syncs_row(name: str, per_step: float, where: collections.Counter) -> Row:
+def syncs_row(name: str, per_step: float, where: collections.Counter, steps: int = STEPS) -> Row:
     """One sync per step is needed (the sampled tokens read back); more is time the GPU idles."""
     lines = ", ".join(f"{line} x{n}" for line, n in where.most_common(6))
     return Row(name, "PASS" if per_step <= 1 else "WARN", per_step, "<= 1 (reading the sampled tokens back)",
-               f"set_sync_debug_mode('warn') over {STEPS} steps: {lines or 'none'}")
+               f"set_sync_debug_mode('warn') over {steps} steps: {lines or 'none'}")
 
 
 def run(ctx: Context) -> Iterator[Row]:

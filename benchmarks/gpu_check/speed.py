@@ -111,7 +111,7 @@ def decode_row(name: str, model, measured: Dict[str, float], batch: int, read_bp
              "graph_of_hbm": graph_fraction}
     return Row(name, status_at_least(fraction, TARGET, WARN_BELOW), value,
                f">= {TARGET:.0%} of HBM read (WARN from {WARN_BELOW:.0%})",
-               f"{(weights + kv) / 1e9:.2f} GB a step ({kv / 1e6:.0f} MB of it live KV, bucket {bucket}); "
+               f"{(weights + kv) / 1e9:.2f} GB a step ({kv / 1e6:.1f} MB of it live KV, bucket {bucket}); "
                f"engine steps with host work, graph_step: the compiled step alone; first step (compile) "
                f"{measured['first_step_s']:.0f} s")
 
