@@ -57,6 +57,15 @@ def test_dry_run_of_some_checks_and_unknown_names(tmp_path, capsys):
     assert "unknown check(s) ['sped']" in capsys.readouterr().err
 
 
+def test_a_gpu_that_torch_cannot_see_is_a_failure_not_a_dry_run(tmp_path, monkeypatch):
+    """nvidia-smi lists a GPU but torch sees none (a CPU wheel, a driver too old): exit code 1."""
+    monkeypatch.setattr(gpu_check_main, "nvidia_smi_gpus", lambda: 1)
+    out = tmp_path / "x.json"
+    assert gpu_check_main.main(["--out", str(out)]) == 1
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "FAIL" and "nvidia-smi lists 1 GPU(s) but torch sees none" in row["detail"]
+
+
 def fake_check(function: str, rows=("first", "second", "third")) -> Check:
     return Check("fake", f"tests.gpu_check_fakes:{function}", tuple(rows), budget=60, about="")
 

@@ -130,9 +130,10 @@ def prefill_row(name: str, model, matmul_rate: float, runs: int = 3) -> Row:
         engine.release(i)
     seconds = statistics.median(times[1:])
     args = model.params
-    weights = sum(p.numel() for n, p in model.named_parameters() if n != "tok_embeddings.weight")
-    # 2 FLOPs a weight per token, plus causal attention (QK^T and PV over half the square).
-    flops = 2 * weights * PREFILL + 2 * args.n_layers * PREFILL * PREFILL * args.dim
+    body = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers."))
+    # 2 FLOPs a weight per token in the blocks, the output layer for the last token only (the
+    # engine asks for its logits alone), and causal attention (QK^T and PV over half the square).
+    flops = 2 * body * PREFILL + 2 * model.output.weight.numel() + 2 * args.n_layers * PREFILL * PREFILL * args.dim
     share = flops / seconds / matmul_rate
     return Row(name, status_at_least(share, PREFILL_TARGET, PREFILL_WARN_BELOW),
                {"tok_s": PREFILL / seconds, "TFLOP_s": flops / seconds / 1e12, "of_matmul": share},
