@@ -54,8 +54,8 @@ def triton_toolchain() -> Row:
         missing.append("the triton package (it comes with CUDA builds of torch)")
         version = None
     value = {"triton": version, "cc": compiler}
-    if missing:
-        return Row(name, "FAIL", value, "cc, Python.h, triton", "compile=True cannot build on this machine: missing "
+    if missing:  # a WARN: the compiled checks below say whether compiling really fails
+        return Row(name, "WARN", value, "cc, Python.h, triton", "compile=True may not build here: missing "
                    + "; ".join(missing))
     return Row(name, "PASS", value, "cc, Python.h, triton", f"{compiler}, {header}")
 

@@ -3,6 +3,7 @@ compiled against eager), and logits within a tolerance (bf16 against fp32, teach
 read the same token sequence, so one early difference cannot spread). The comparisons take any
 two Llamas or models, so they run CPU against CPU in the tests too."""
 
+import traceback
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -30,6 +31,7 @@ def guarded(name: str, check: Callable[[], Row]) -> Row:
     try:
         return check()
     except Exception as e:  # noqa: BLE001  one failing step must not hide the others
+        traceback.print_exc()  # into the check's log
         return Row(name, "FAIL", detail=f"{type(e).__name__}: {e}")
 
 
