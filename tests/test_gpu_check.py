@@ -111,6 +111,10 @@ def test_a_run_goes_on_past_a_failing_check_skips_what_it_cannot_and_writes_ever
     assert (tmp_path / "run_logs" / "fake.log").is_file() and "PASS 1, FAIL 1, WARN 3, SKIP 2" in capsys.readouterr().out
     assert gpu_check_main.run_all(checks[2:], out, facts, budget=5, prepare_workdir=lambda path, gpus: None) == 0
     assert "out of time" in json.loads(out.read_text())["rows"][0]["detail"]
+    hang = [fake_check("hang")]  # --per-check shortens every check's own limit
+    assert gpu_check_main.run_all(hang, out, facts, budget=100, prepare_workdir=lambda path, gpus: None,
+                                  per_check=2) == 1
+    assert "timed out after 2 s (limit 2 s)" in json.loads(out.read_text())["rows"][1]["detail"]
 
 
 def test_rows_and_facts_come_back_and_the_table_and_json_hold_them(tmp_path):

@@ -3,7 +3,7 @@ child process under its own time limit, a PASS / FAIL / WARN / SKIP table at the
 rows in JSON. Without a GPU (or with --dry-run) it lists what it would check and exits 0.
 
     PYTHONPATH=benchmarks python -m gpu_check [--out gpu_check.json] [--dry-run] [--budget SECONDS]
-        [--only device,numerics,...]
+        [--only device,numerics,...] [--per-check SECONDS]
 
 (bash scripts/gpu_check.sh sets up the environment first, then runs this.) Logs of each check go
 to a folder beside the JSON (gpu_check_logs/ for gpu_check.json). Exit code: 1 when a row FAILed.
@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 from .checks import CHECKS, Check, Context
 from .report import Row, summary, table, write_json
@@ -67,12 +67,14 @@ def prepare(workdir: Path, gpus: int) -> None:
 
 
 def run_all(checks: List[Check], out: Path, facts: Dict[str, object], budget: float,
-            prepare_workdir: Callable[[Path, int], None] = prepare, **extra) -> int:
-    """Runs the checks one after another within `budget` seconds; writes the JSON after each."""
+            prepare_workdir: Callable[[Path, int], None] = prepare, per_check: Optional[float] = None,
+            **extra) -> int:
+    """Runs the checks one after another within `budget` seconds, each for at most its own limit
+    (or per_check seconds); writes the JSON after each."""
     start = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     try:
-        rows = _run_checks(checks, out, facts, budget, workdir, prepare_workdir, start, extra)
+        rows = _run_checks(checks, out, facts, budget, workdir, prepare_workdir, start, per_check, extra)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print()
@@ -86,7 +88,7 @@ def _log_dir(out: Path) -> Path:
     return out.parent / f"{out.stem}_logs"
 
 
-def _run_checks(checks, out, facts, budget, workdir, prepare_workdir, start, extra) -> List[Row]:
+def _run_checks(checks, out, facts, budget, workdir, prepare_workdir, start, per_check, extra) -> List[Row]:
     rows: List[Row] = []
     try:
         prepare_workdir(workdir, facts["gpus"])
@@ -94,6 +96,7 @@ def _run_checks(checks, out, facts, budget, workdir, prepare_workdir, start, ext
         print(f"could not write the small checkpoints: {type(e).__name__}: {e}")
     for check in checks:
         left = budget - (time.monotonic() - start)
+        limit = min(per_check or check.budget, left)
         if check.gpus > facts["gpus"]:
             found = [Row(n, "SKIP", detail=f"needs {check.gpus} GPUs; this machine shows {facts['gpus']}",
                          check=check.name) for n in check.rows]
@@ -102,8 +105,8 @@ def _run_checks(checks, out, facts, budget, workdir, prepare_workdir, start, ext
                          check=check.name) for n in check.rows]
         else:
             began = time.monotonic()
-            print(f"[{check.name}] up to {min(check.budget, left):.0f} s ...", flush=True)
-            found, info = run_check(check, Context(workdir, _log_dir(out), min(check.budget, left), REPO))
+            print(f"[{check.name}] up to {limit:.0f} s ...", flush=True)
+            found, info = run_check(check, Context(workdir, _log_dir(out), limit, REPO))
             facts.update(info)
             print(f"[{check.name}] {time.monotonic() - began:.0f} s: " +
                   ", ".join(f"{r.name} {r.status}" for r in found), flush=True)
@@ -118,6 +121,8 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the checks and write SKIP rows, run nothing")
     parser.add_argument("--budget", type=float, default=420, help="seconds for all checks together (default 420)")
     parser.add_argument("--only", default="", help="comma-separated check names to run (default all)")
+    parser.add_argument("--per-check", type=float, default=None,
+                        help="seconds each check may run (default: its own limit, listed by --dry-run)")
     parser.add_argument("--setup-seconds", type=float, default=None, help="how long setup took (for the JSON)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--rows", help=argparse.SUPPRESS)
@@ -148,7 +153,7 @@ def main(argv: List[str] = None) -> int:
                        gpu_found=False, **extra)
     if args.dry_run:
         return dry_run(checks, out, facts, "--dry-run asked for", gpu_found=True, **extra)
-    return run_all(checks, out, facts, args.budget, gpu_found=True, **extra)
+    return run_all(checks, out, facts, args.budget, per_check=args.per_check, gpu_found=True, **extra)
 
 
 if __name__ == "__main__":
