@@ -80,7 +80,7 @@ def run_fake(tmp_path, function: str, timeout: float = 60):
 def test_a_hanging_check_is_killed_at_its_limit_and_keeps_what_it_reported(tmp_path):
     rows, _, seconds = run_fake(tmp_path, "hang", timeout=3)
     assert [(r.name, r.status) for r in rows] == [("first", "PASS"), ("second", "FAIL"), ("third", "SKIP")]
-    assert "timed out after 3 s" in rows[1].detail and seconds < 3 + runner.KILL_GRACE + 5
+    assert "timed out: still running at its limit of 3 s" in rows[1].detail and seconds < 3 + runner.KILL_GRACE + 5
 
 
 @pytest.mark.parametrize("function,reason", [("boom", "RuntimeError: boom"), ("crash", "exited with code 3")])
@@ -114,7 +114,7 @@ def test_a_run_goes_on_past_a_failing_check_skips_what_it_cannot_and_writes_ever
     hang = [fake_check("hang")]  # --per-check shortens every check's own limit
     assert gpu_check_main.run_all(hang, out, facts, budget=100, prepare_workdir=lambda path, gpus: None,
                                   per_check=2) == 1
-    assert "timed out after 2 s (limit 2 s)" in json.loads(out.read_text())["rows"][1]["detail"]
+    assert "timed out: still running at its limit of 2 s" in json.loads(out.read_text())["rows"][1]["detail"]
 
 
 def test_rows_and_facts_come_back_and_the_table_and_json_hold_them(tmp_path):

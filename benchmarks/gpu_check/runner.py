@@ -39,12 +39,11 @@ def run_check(check: Check, ctx: Context, python: str = sys.executable) -> Tuple
                                 start_new_session=True)
         ended, exit_hung = _wait(proc, rows_path, start + ctx.timeout)
         _signal_group(proc, signal.SIGKILL)  # anything it left behind would hold the GPU for the next check
-    seconds = time.monotonic() - start
     rows, info, error = read_rows(rows_path, check.name)
     reason = None
     if not ended:
         reason = f"exit hung: still running {EXIT_GRACE:.0f} s after its last row" if exit_hung else \
-            f"timed out after {seconds:.0f} s (limit {ctx.timeout:.0f} s)"
+            f"timed out: still running at its limit of {ctx.timeout:.0f} s"
     elif error:
         reason = error
     elif proc.returncode != 0:
