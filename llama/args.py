@@ -141,7 +141,10 @@ def load_params(ckpt_dir: Path, **overrides: Any) -> ModelArgs:
 
 
 def cache_length(max_seq_len: int) -> int:
-    """The KV cache's positions: max_seq_len rounded up to a multiple of 16, since CUDA's attention
-    kernels refuse a mask whose last dimension is not aligned (pytorch#121943). The extra
-    positions are never written and always masked."""
-    return -(-max_seq_len // 16) * 16
+    """The KV cache's positions: max_seq_len and one more, rounded up to a multiple of 16, since
+    CUDA's attention kernels refuse a mask whose last dimension is not aligned (pytorch#121943).
+    Position max_seq_len is scratch: a decode step's rows that hold no running request (free, held
+    finished, still prefilling, padding) write their placeholder there, past anything a request
+    reads, so that what a row holds stays whole (prefix reuse reads it later). The positions past
+    max_seq_len are never attended to by a real query."""
+    return -(-(max_seq_len + 1) // 16) * 16

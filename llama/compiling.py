@@ -67,8 +67,9 @@ class CompiledDecode:
     On CPU the batch width and the attended length are dynamic dimensions, so a few compiled graphs
     serve every step (dynamo compiles width 1 apart, and splits wider batches where the products
     change form: layers.GEMV_MAX_ROWS). On CUDA each shape is replayed as a CUDA graph, so shapes
-    are kept few: the batch is padded to one of padded_widths() (placeholder rows at position 0
-    of free cache rows, which the engine leaves past its last occupied slot), and the step attends
+    are kept few: the batch is padded to one of padded_widths() (placeholder rows at the scratch
+    position of free cache rows, which the engine leaves past its last occupied slot: see
+    args.cache_length), and the step attends
     over a bucket of the cache (key_bucket: a power of two from 256 on), masked, rather than the
     whole cache every step.
 
@@ -84,6 +85,7 @@ class CompiledDecode:
         weight = model.norm.weight
         self.device = weight.device
         self.max_batch_size = model.params.max_batch_size
+        self.scratch = model.params.max_seq_len  # the cache position placeholder rows write to
         self.cache_len = cache_length(model.params.max_seq_len) if self.device.type == "cuda" else None
         self.widths = padded_widths(self.max_batch_size) if (self.device.type == "cuda" if pad_widths is None
                                                               else pad_widths) else None
@@ -104,9 +106,9 @@ class CompiledDecode:
         batch = tokens.shape[0]
         positions = start_pos.to(self.device).unsqueeze(1)
         width = batch if self.widths is None else next(w for w in self.widths if w >= batch)
-        if width > batch:  # placeholder rows: token 0 at position 0 of free cache rows
+        if width > batch:  # placeholder rows: token 0 at the scratch position of free cache rows
             tokens = F.pad(tokens, (0, 0, 0, width - batch))
-            positions = F.pad(positions, (0, 0, 0, width - batch))
+            positions = F.pad(positions, (0, 0, 0, width - batch), value=self.scratch)
         if self.cache_len is not None:
             bucket = key_bucket(kv_len, self.cache_len)
             key_positions = self._key_positions.get(bucket)
@@ -128,12 +130,12 @@ class CompiledDecode:
     @torch.inference_mode()  # as the engine's steps run: inference tensors are guarded apart
     def warm_up(self) -> None:
         """Runs every shape the engine's steps can take, so none compiles later (a server calls
-        this on every rank, in step, before it says it is ready). The placeholder rows write at
-        position 0 of every cache row: call it before any request holds a slot."""
+        this on every rank, in step, before it says it is ready). Its rows write at the scratch
+        position only, so it may run at any time."""
         widths = self.widths or range(1, self.max_batch_size + 1)  # CPU: cheap once the few graphs exist
         kv_lens = [2] if self.cache_len is None else sorted({key_bucket(n, self.cache_len)
-                                                             for n in range(1, self.cache_len + 1)})
+                                                             for n in range(1, self.scratch + 1)})
         for width in widths:
             for kv_len in kv_lens:
                 self(torch.zeros((width, 1), dtype=torch.long, device=self.device),
-                     torch.zeros(width, dtype=torch.long), kv_len)
+                     torch.full((width,), self.scratch, dtype=torch.long), kv_len)

@@ -298,19 +298,16 @@ class Engine:
         decoding = [i for i in occupied if not self._slots[i].finished and not self._slots[i].prefilling]
         if not decoding:
             return list(events.values())
-        # Rows run from the first slot to the last occupied one (a view of the cache); free and
-        # finished rows in between feed a placeholder at position 0, which no one reads, and rows
-        # still prefilling one where their next chunk will write.
+        # Rows run from the first slot to the last occupied one (a view of the cache); the rows in
+        # between that decode nothing (free, finished, still prefilling) feed a placeholder at the
+        # cache's scratch position (args.cache_length), which no query reads.
         width = occupied[-1] + 1
-        feed, positions = [0] * width, [0] * width
-        for i in occupied:
+        feed, positions = [0] * width, [self.max_seq_len] * width
+        for i in decoding:
             s = self._slots[i]
-            if s.prefilling:
-                positions[i] = s.position
-            elif not s.finished:
-                feed[i], positions[i] = s.last, s.position
-                s.position += 1
-        kv_len = max(positions) + 1
+            feed[i], positions[i] = s.last, s.position
+            s.position += 1
+        kv_len = max(positions[i] for i in decoding) + 1
         tokens, start_pos = _on_device([feed, positions], self.device)  # one copy to the device
         tokens = tokens.unsqueeze(1)
         if self.decode_step is not None:

@@ -196,7 +196,7 @@ class Transformer(nn.Module):
     def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocates the KV cache and RoPE tables once the weights are real."""
         device, dtype = self.norm.weight.device, self.norm.weight.dtype
-        self.rope_cos, self.rope_sin = rope_tables(self.params, max_seq_len, device)
+        self.rope_cos, self.rope_sin = rope_tables(self.params, max_seq_len + 1, device)  # + scratch
         for layer in self.layers:
             layer.attention.setup_cache(max_batch_size, max_seq_len, device, dtype)
 

@@ -58,7 +58,8 @@ def test_key_buckets_and_the_aligned_cache():
     assert [key_bucket(n, 2048) for n in (1, 255, 256, 257, 1000, 1025, 2048)] == \
         [256, 256, 256, 512, 1024, 2048, 2048]
     assert key_bucket(300, 304) == 304  # never past the cache
-    assert [cache_length(n) for n in (1, 16, 50, 2048, 2049)] == [16, 16, 64, 2048, 2064]
+    # one scratch position past max_seq_len, then aligned to 16
+    assert [cache_length(n) for n in (1, 15, 16, 50, 2047, 2048)] == [16, 16, 32, 64, 2048, 2064]
 
 
 def test_a_decode_step_over_a_bucket_equals_one_over_the_live_positions(llama):
