@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import Transformer
+from .prefixes import PrefixCache
 from .sampling import check_sampling, sample_next
 
 
@@ -103,6 +104,7 @@ class _Slot:
         # prompt tokens still to feed, one per step (prefill="reference"), or to prefill in chunks
         self.forced = [] if in_chunks else list(request.prompt[prefilled:])
         self.prefilling = in_chunks
+        self.cached = list(request.prompt[:prefilled])  # the tokens whose keys and values the row holds
         self.last: Optional[int] = None  # the newest token, fed at the next step
         self.budget = budget  # new tokens it may add
         self.generated = 0
@@ -180,7 +182,7 @@ class _Logprobs:
 class Engine:
     def __init__(self, model: Transformer, *, hold_finished: bool = False,
                  decode_step: Optional[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = None,
-                 prefill_chunk: Optional[int] = None):
+                 prefill_chunk: Optional[int] = None, prefix_reuse: bool = False):
         """model: its KV cache (max_batch_size rows of max_seq_len) holds the slots. One engine per
         model at a time: slots are rows of the model's own cache.
 
@@ -197,7 +199,12 @@ class Engine:
         this many prompt tokens per step (all such prompts together, oldest first), each step's
         decode following; so a long prompt arriving holds the running requests up by one chunk's
         prefill per step rather than by its whole prefill at once. Prompts that ask for their
-        logprobs are prefilled whole. None: every prompt whole, in admit()."""
+        logprobs are prefilled whole. None: every prompt whole, in admit().
+
+        prefix_reuse: a request whose prompt begins as what a cache row already holds (a freed
+        row's last request, or a running one) starts from there (llama/prefixes.py); the rest of
+        its prompt is prefilled by the next step. Not for prompts that ask for their logprobs, nor
+        under prefill="reference"."""
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
                                           or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be None or an integer >= 1, got {prefill_chunk!r}")
@@ -209,6 +216,7 @@ class Engine:
         self.decode_step = decode_step
         self.prefill_chunk = prefill_chunk
         self._admitted = 0
+        self.prefixes = PrefixCache(self.max_batch_size) if prefix_reuse else None
         self._slots: List[Optional[_Slot]] = [None] * self.max_batch_size
         self._slot_of: Dict[Hashable, int] = {}
 
@@ -230,20 +238,18 @@ class Engine:
         token. Returns one event per request that moved on, in order: under prefill="reference" a
         request still feeding its prompt has none yet (see PREFILL_POLICIES)."""
         self._check(requests, prefill)
-        free = [i for i, s in enumerate(self._slots) if s is None][:len(requests)]
         lengths = [len(r.prompt) for r in requests]
         if prefill == "reference":
             lengths = [min(lengths)] * len(requests)
-        now, now_lengths = [], []  # prefilled here, the rest in chunks by the steps
-        for slot, r, n in zip(free, requests, lengths):
-            room = self.max_seq_len - len(r.prompt)
-            budget = room if r.params.max_new_tokens is None else min(r.params.max_new_tokens, room)
-            in_chunks = (prefill == "together" and self.prefill_chunk is not None and n > self.prefill_chunk
-                         and budget > 0 and not r.params.prompt_logprobs)
-            self._slots[slot] = _Slot(r, 0 if in_chunks else n, budget, self.device, self._admitted, in_chunks)
+        budgets = [self._budget(r) for r in requests]
+        now, now_lengths = [], []  # prefilled here, together; the rest by the steps
+        for r, n, budget, (slot, reused) in zip(requests, lengths, budgets, self._place(requests, budgets, prefill)):
+            later = reused > 0 or (prefill == "together" and self.prefill_chunk is not None and n > self.prefill_chunk
+                                   and budget > 0 and not r.params.prompt_logprobs)
+            self._slots[slot] = _Slot(r, reused if later else n, budget, self.device, self._admitted, later)
             self._admitted += 1
             self._slot_of[r.id] = slot
-            if not in_chunks:
+            if not later:
                 now.append(slot)
                 now_lengths.append(n)
         if not now:
@@ -261,6 +267,28 @@ class Engine:
                 last = last[torch.tensor(kept, dtype=torch.long, device=self.device)]
             events.update(self._sample([free[row] for row in kept], last))
         return [events[slot] for slot in free if slot in events]
+
+    def _budget(self, request: Request) -> int:
+        """How many new tokens the request may add: max_new_tokens, or up to the context's end."""
+        room = self.max_seq_len - len(request.prompt)
+        return room if request.params.max_new_tokens is None else min(request.params.max_new_tokens, room)
+
+    def _place(self, requests: Sequence[Request], budgets: List[int], prefill: str) -> List[Tuple[int, int]]:
+        """Each request's slot, and how many of its first prompt tokens that slot's cache row holds
+        already (prefix reuse: copied there first when found in another row)."""
+        free = [i for i, s in enumerate(self._slots) if s is None]
+        if self.prefixes is None:
+            return [(slot, 0) for slot in free[:len(requests)]]
+        running = {i: s.cached for i, s in enumerate(self._slots) if s is not None}
+        placed = []
+        for r, budget in zip(requests, budgets):
+            reusable = prefill == "together" and budget > 0 and not r.params.prompt_logprobs
+            slot, reused, source = self.prefixes.place(r.prompt, free, running, reusable)
+            if source is not None:
+                self.model.copy_cache(source, slot, reused)
+            free.remove(slot)
+            placed.append((slot, reused))
+        return placed
 
     def _prefill(self, slots: List[int], lengths: List[int]) -> torch.Tensor:
         """Runs each slot's first lengths[row] prompt tokens through the model into its cache row;
@@ -307,6 +335,7 @@ class Engine:
             s = self._slots[i]
             feed[i], positions[i] = s.last, s.position
             s.position += 1
+            s.cached.append(s.last)
         kv_len = max(positions[i] for i in decoding) + 1
         tokens, start_pos = _on_device([feed, positions], self.device)  # one copy to the device
         tokens = tokens.unsqueeze(1)
@@ -326,7 +355,7 @@ class Engine:
         oldest first, each from where its last chunk ended; a request whose whole prompt is in
         samples its first token. Returns their events."""
         waiting = sorted((s.order, i) for i, s in enumerate(self._slots) if s is not None and s.prefilling)
-        room, events = self.prefill_chunk, {}
+        room, events = self.prefill_chunk or self.max_seq_len * self.max_batch_size, {}
         for _, slot in waiting:
             if room == 0:
                 break
@@ -337,6 +366,7 @@ class Engine:
             last = self.model(tokens, start, kv_len=start + len(chunk), rows=_on_device([slot], self.device),
                               last_index=_on_device([len(chunk) - 1], self.device))
             s.position += len(chunk)
+            s.cached.extend(chunk)
             room -= len(chunk)
             if s.position == len(s.request.prompt):
                 s.prefilling = False
@@ -349,6 +379,8 @@ class Engine:
         slot = self._slot_of.pop(request_id, None)
         if slot is None:
             return False
+        if self.prefixes is not None:
+            self.prefixes.free(slot, self._slots[slot].cached)
         self._slots[slot] = None
         return True
 

@@ -122,6 +122,11 @@ class Attention(nn.Module):
         out = self.attend(q.transpose(1, 2), keys, values, mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
+    def copy_cache(self, source_row: int, target_row: int, length: int) -> None:
+        """Copies the keys and values of a cache row's first `length` positions to another row."""
+        self.cache_k[target_row, :, :length] = self.cache_k[source_row, :, :length]
+        self.cache_v[target_row, :, :length] = self.cache_v[source_row, :, :length]
+
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Masked softmax attention, each query head reading its group's KV head. q: (batch, heads,
@@ -199,6 +204,13 @@ class Transformer(nn.Module):
         self.rope_cos, self.rope_sin = rope_tables(self.params, max_seq_len + 1, device)  # + scratch
         for layer in self.layers:
             layer.attention.setup_cache(max_batch_size, max_seq_len, device, dtype)
+
+    @torch.inference_mode()
+    def copy_cache(self, source_row: int, target_row: int, length: int) -> None:
+        """Copies what a KV-cache row holds at its first `length` positions to another row, in
+        every layer (a prefix reused by another request: llama/prefixes.py)."""
+        for layer in self.layers:
+            layer.attention.copy_cache(source_row, target_row, length)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos, last_index: Optional[torch.Tensor] = None,

@@ -106,6 +106,56 @@ def test_chunked_prefill_decodes_as_alone(llama, prompts, alone):
         assert ends == ["length"]
 
 
+def run_all(engine, requests):
+    outputs = {}
+    collect(outputs, engine.admit(requests))
+    while engine.active:
+        collect(outputs, engine.step())
+    return outputs
+
+
+def test_prefix_reuse_gives_the_tokens_of_a_whole_prefill(llama, prompts, alone):
+    """The second turn of a chat (the first turn's prompt and answer, then more) and a request
+    sharing a running one's prefix start from the cache: same greedy tokens and logprobs as the
+    whole prefill (alone), with the reused tokens counted."""
+    engine = Engine(llama.model, prefix_reuse=True)
+    params = SamplingParams(temperature=0, max_new_tokens=6, logprobs=True)
+    first = run_all(engine, [Request("turn 1", prompts[2], params)])["turn 1"][0]
+    second_turn = prompts[2] + first + prompts[3][1:]  # its row holds prompts[2] + first[:-1]
+    plain = Engine(llama.model)
+    want = run_all(plain, [Request("x", second_turn, params)])["x"]
+    got = run_all(engine, [Request("turn 2", second_turn, params)])["turn 2"]
+    assert got[0] == want[0] and got[1] == pytest.approx(want[1], abs=1e-4)
+    assert engine.prefixes.reused_tokens == len(prompts[2]) + len(first) - 1
+
+    # from a running request's row: copied into a free row
+    outputs = {}
+    collect(outputs, engine.admit([Request("a", prompts[4], params)]))
+    collect(outputs, engine.step())
+    before = engine.prefixes.reused_tokens
+    collect(outputs, engine.admit([Request("b", prompts[4][:-1] + prompts[0][1:], params)]))
+    while engine.active:
+        collect(outputs, engine.step())
+    assert engine.prefixes.reused_tokens - before == len(prompts[4]) - 1
+    assert outputs["a"][0] == alone[4][0][:6]
+    want = run_all(plain, [Request("y", prompts[4][:-1] + prompts[0][1:], params)])["y"]
+    assert outputs["b"][0] == want[0] and outputs["b"][1] == pytest.approx(want[1], abs=1e-4)
+
+
+def test_prefix_reuse_evicts_the_least_recently_freed_row(llama, prompts):
+    engine = Engine(llama.model, prefix_reuse=True)  # 4 rows
+    params = SamplingParams(temperature=0, max_new_tokens=2)
+    for n in (1, 2, 3, 4):  # each freed in turn: rows hold prompts 1, 2, 3, 4
+        run_all(engine, [Request(n, prompts[n], params)])
+    run_all(engine, [Request("new", prompts[6], params)])  # shares only BOS: evicts the oldest (prompt 1)
+    reused = engine.prefixes.reused_tokens
+    run_all(engine, [Request("again 2", prompts[2], params)])
+    assert engine.prefixes.reused_tokens - reused == len(prompts[2]) - 1  # kept
+    reused = engine.prefixes.reused_tokens
+    run_all(engine, [Request("again 1", prompts[1], params)])
+    assert engine.prefixes.reused_tokens - reused == 1  # evicted: only BOS found, in another row
+
+
 def test_stop_tokens_end_a_request_without_output(llama, prompts, alone):
     engine = Engine(llama.model)
     stop = alone[2][0][5]  # the 6th token of request 2's greedy output

@@ -140,3 +140,6 @@ def test_metrics_count_what_was_sent(server):
         assert value(after, histogram + "_count") - value(before, histogram + "_count") == 2
     assert value(after, "llama_requests_running") == 0 and value(after, "llama_requests_waiting") == 0
     assert value(after, "llama_free_slots") >= 1
+    # the second request found the first one's prompt in the cache (all but the token it prefills)
+    assert value(after, "llama_prefix_prompt_tokens_total") - value(before, "llama_prefix_prompt_tokens_total") == 8
+    assert value(after, "llama_prefix_reused_tokens_total") - value(before, "llama_prefix_reused_tokens_total") >= 3

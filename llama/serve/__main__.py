@@ -49,6 +49,7 @@ def main(
     timeout: float = DEFAULT_TIMEOUT,
     cors_origins: Optional[str] = None,
     prefill_chunk: int = 256,
+    prefix_reuse: bool = True,
 ):
     """--host/--port: where to listen (127.0.0.1 unless told otherwise; --port 0 picks a free port).
     --max_batch_size: requests decoding together; --max_queue: requests that may wait for a slot
@@ -59,7 +60,8 @@ def main(
     next start), --nocompile turns it off. --cors_origins: web origins whose pages may call the API, comma-separated ('*': any);
     default none (see llama/serve/cors.py). --prefill_chunk N: a prompt longer than N tokens is
     prefilled N tokens per step, between the running requests' steps, so they keep their pace
-    (0: every prompt whole, at once). --device, --dtype, --quantize, --seed, --timeout: as in
+    (0: every prompt whole, at once). --noprefix_reuse: prefill every prompt whole, rather than
+    starting from what the KV cache already holds of it (llama/prefixes.py). --device, --dtype, --quantize, --seed, --timeout: as in
     example_text_completion.py."""
     if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
         raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
@@ -82,7 +84,8 @@ def main(
         llama.decode_step.warm_up()
         print(f"Compiled in {time.perf_counter() - started:.1f} s", flush=True)
     # The server's own engine: its slots are the rows of the model's KV cache.
-    engine = Engine(llama.model, decode_step=llama.decode_step, prefill_chunk=prefill_chunk or None)
+    engine = Engine(llama.model, decode_step=llama.decode_step, prefill_chunk=prefill_chunk or None,
+                    prefix_reuse=bool(prefix_reuse))
     if is_main_process():
         serve(llama, engine, str(host), port, model_name, api_key, max_queue, origins)
     else:

@@ -2,9 +2,10 @@
 (prometheus_client writes it). Each server has its own registry, so tests and embedders can run
 several in one process."""
 
-from typing import Callable
+from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Seconds; from one step of a small model on a CPU to a long prompt on a loaded server.
@@ -12,8 +13,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 
 
 
 class Metrics:
-    def __init__(self, queue_sizes: Callable[[], tuple]):
-        """queue_sizes() -> (running, waiting, free slots), read at each scrape."""
+    def __init__(self, queue_sizes: Callable[[], tuple], prefix_tokens: Optional[Callable[[], tuple]] = None):
+        """queue_sizes() -> (running, waiting, free slots); prefix_tokens() -> (prompt tokens placed
+        in the KV cache, of those found there already), when prefix reuse is on; read at each scrape."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("llama_requests", "HTTP requests answered, by route and status",
@@ -32,6 +34,8 @@ class Metrics:
         Gauge("llama_requests_running", "requests decoding", registry=r).set_function(sizes(0))
         Gauge("llama_requests_waiting", "requests queued for a slot", registry=r).set_function(sizes(1))
         Gauge("llama_free_slots", "KV-cache slots free", registry=r).set_function(sizes(2))
+        if prefix_tokens is not None:
+            r.register(_PrefixReuse(prefix_tokens))
 
     def finished(self, prompt_tokens: int, generated: int, arrived: float, first_token: float, ended: float) -> None:
         """One request's figures once it is answered (times from time.monotonic())."""
@@ -46,3 +50,17 @@ class Metrics:
     def exposition(self) -> tuple:
         """(body, content type) of a scrape."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _PrefixReuse:
+    """Prefix reuse's counters, read from the engine at each scrape (the hit rate is their ratio)."""
+
+    def __init__(self, prefix_tokens: Callable[[], tuple]):
+        self.prefix_tokens = prefix_tokens
+
+    def collect(self):
+        placed, reused = self.prefix_tokens()
+        yield CounterMetricFamily("llama_prefix_prompt_tokens", "prompt tokens of the requests placed in the "
+                                  "KV cache", value=placed)
+        yield CounterMetricFamily("llama_prefix_reused_tokens", "of those, found there already (prefix reuse)",
+                                  value=reused)

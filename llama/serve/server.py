@@ -52,7 +52,7 @@ async def _serve(llama: Llama, engine: Engine, host: str, port: int, model_name:
     service = Service(scheduler, llama.tokenizer, llama.formatter, model_name, llama.model.params.max_seq_len,
                       llama.model.params.vocab_size, invalid_utf8_errors(llama.tokenizer), api_key,
                       created=int(time.time()), fingerprint=fingerprint(llama, model_name), cors=Cors(cors_origins),
-                      metrics=Metrics(scheduler.sizes))
+                      metrics=Metrics(scheduler.sizes, prefix_tokens=_prefix_counts(engine)))
     runner = web.AppRunner(make_app(service), handler_cancellation=True, access_log=None,
                            shutdown_timeout=RESPONSE_FLUSH)
     await runner.setup()
@@ -105,6 +105,13 @@ async def _serve(llama: Llama, engine: Engine, host: str, port: int, model_name:
     if error is not None:
         raise error
     print("Server stopped: every rank has left its loop", flush=True)
+
+
+def _prefix_counts(engine: Engine):
+    """For /metrics: (prompt tokens placed, of those reused), read from the engine thread's counters
+    (two ints, each read whole), or None without prefix reuse."""
+    prefixes = engine.prefixes
+    return None if prefixes is None else (lambda: (prefixes.prompt_tokens, prefixes.reused_tokens))
 
 
 def fingerprint(llama: Llama, model_name: str) -> str:
