@@ -19,6 +19,10 @@ in one call on torch's global generator, in slot order, as Meta's loop samples a
 
 The engine adds no communication: under torchrun every rank calls admit/step/release in the same
 order with the same arguments, and the model's collectives keep the ranks together.
+
+A request with a grammar (SamplingParams.constraint, llama/constraints.py) draws only the tokens it
+allows: its masks are computed on a worker thread while the model runs, and every rank computes
+the same ones. Requests without one cost nothing extra.
 """
 
 from dataclasses import dataclass
@@ -27,6 +31,7 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .constraints import Constraint, Grammar, Masks, Vocabulary
 from .model import Transformer
 from .prefixes import PrefixCache
 from .sampling import check_sampling, sample_next
@@ -38,6 +43,7 @@ class Finish:
     STOP_TOKEN = "stop_token"  # the model chose a stop token (decided here; the token is not output)
     LENGTH = "length"  # max_new_tokens or the context reached (decided here)
     STOP_STRING = "stop_string"  # a stop string appeared in the text (decided by llama/outputs.py)
+    ERROR = "error"  # the request's grammar allows no token (TokenEvent.error says why)
 
 
 # How admit() prefills a batch. "together": every prompt whole, in one forward. "reference": Meta's
@@ -60,6 +66,9 @@ class SamplingParams:
     prompt_logprobs: bool = False  # the prompt tokens' log-probabilities (echo), with the first event
     # (and their top_logprobs most likely rivals, when top_logprobs is set)
     stop_tokens: Tuple[int, ...] = ()  # tokens that end the request (tokenizer.stop_tokens)
+    # What the output must match (llama/constraints.py): disallowed tokens are masked before
+    # temperature, top-k, top-p and greedy; logprobs stay those of the raw logits.
+    constraint: Optional[Grammar] = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,7 @@ class TokenEvent:
     finish_reason: Optional[str] = None
     prompt_logprobs: Optional[List[float]] = None
     prompt_top_logprobs: Optional[List[Optional[List[Tuple[int, float]]]]] = None
+    error: Optional[str] = None  # with Finish.ERROR: why the request could not go on
 
 
 class _Slot:
@@ -114,6 +124,12 @@ class _Slot:
         self.stop_tokens = frozenset(request.params.stop_tokens)
         seed = request.params.seed
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        self.constraint: Optional[Constraint] = None  # the engine gives it one when params.constraint is set
+
+    @property
+    def constrained(self) -> bool:
+        """Its next draw is a new token under a grammar (not a prompt token, not an idle held slot)."""
+        return self.constraint is not None and not self.finished and not self.forced
 
     @property
     def sampling_group(self) -> tuple:
@@ -137,14 +153,18 @@ class _Slot:
         """Takes a sampled token: the event of a new output token, or of its end."""
         if token in self.stop_tokens:  # ends the request; the stop token is not output
             return self.end(Finish.STOP_TOKEN)
+        if self.constraint is not None and not self.constraint.advance(token):
+            return self.end(Finish.ERROR, self.constraint.error)
         self.last = token
         self.generated += 1
         return self._event(token, logprob if self.params.logprobs else None, top,
                            Finish.LENGTH if self.generated == self.budget else None)
 
-    def end(self, reason: str) -> TokenEvent:
+    def end(self, reason: str, error: Optional[str] = None) -> TokenEvent:
         """The event of its end without a new token."""
-        return self._event(None, finish_reason=reason)
+        event = self._event(None, finish_reason=reason)
+        event.error = error
+        return event
 
     def _event(self, token: Optional[int], logprob: Optional[float] = None,
                top: Optional[List[Tuple[int, float]]] = None, finish_reason: Optional[str] = None) -> TokenEvent:
@@ -182,7 +202,8 @@ class _Logprobs:
 class Engine:
     def __init__(self, model: Transformer, *, hold_finished: bool = False,
                  decode_step: Optional[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = None,
-                 prefill_chunk: Optional[int] = None, prefix_reuse: bool = False):
+                 prefill_chunk: Optional[int] = None, prefix_reuse: bool = False,
+                 vocabulary: Optional[Vocabulary] = None):
         """model: its KV cache (max_batch_size rows of max_seq_len) holds the slots. One engine per
         model at a time: slots are rows of the model's own cache.
 
@@ -204,7 +225,10 @@ class Engine:
         prefix_reuse: a request whose prompt begins as what a cache row already holds (a freed
         row's last request, or a running one) starts from there (llama/prefixes.py); the rest of
         its prompt is prefilled by the next step. Not for prompts that ask for their logprobs, nor
-        under prefill="reference"."""
+        under prefill="reference".
+
+        vocabulary: the tokenizer as the grammar library sees it (constraints.Vocabulary), needed
+        by requests with a constraint."""
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
                                           or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be None or an integer >= 1, got {prefill_chunk!r}")
@@ -219,6 +243,7 @@ class Engine:
         self.prefixes = PrefixCache(self.max_batch_size) if prefix_reuse else None
         self._slots: List[Optional[_Slot]] = [None] * self.max_batch_size
         self._slot_of: Dict[Hashable, int] = {}
+        self._masks = Masks(vocabulary)
 
     @property
     def free_slots(self) -> int:
@@ -242,16 +267,18 @@ class Engine:
         if prefill == "reference":
             lengths = [min(lengths)] * len(requests)
         budgets = [self._budget(r) for r in requests]
-        now, now_lengths = [], []  # prefilled here, together; the rest by the steps
+        admitted, now, now_lengths = [], [], []  # now: prefilled here, together; the rest by the steps
         for r, n, budget, (slot, reused) in zip(requests, lengths, budgets, self._place(requests, budgets, prefill)):
             later = reused > 0 or (prefill == "together" and self.prefill_chunk is not None and n > self.prefill_chunk
                                    and budget > 0 and not r.params.prompt_logprobs)
             self._slots[slot] = _Slot(r, reused if later else n, budget, self.device, self._admitted, later)
             self._admitted += 1
             self._slot_of[r.id] = slot
+            admitted.append(slot)
             if not later:
                 now.append(slot)
                 now_lengths.append(n)
+        self._start_constraints(admitted)
         if not now:
             return []
         free, last = now, self._prefill(now, now_lengths)
@@ -409,11 +436,16 @@ class Engine:
                                  f"got {p.max_new_tokens!r}")
             if not isinstance(p.top_logprobs, int) or p.top_logprobs < 0:
                 raise ValueError(f"request {r.id!r}: top_logprobs must be an integer >= 0, got {p.top_logprobs!r}")
+            if p.constraint is not None and self._masks.vocabulary is None:
+                raise ValueError(f"request {r.id!r} has a constraint, but the engine has no vocabulary: pass "
+                                 f"Engine(model, vocabulary=constraints.Vocabulary(tokenizer, vocab_size))")
 
     def _sample(self, slots: List[int], logits: torch.Tensor) -> Dict[int, TokenEvent]:
         """Picks the next token of each of `slots` (logits row by row) and moves the running ones
         on; returns the events of those that moved on (not the ones still feeding their prompt)."""
-        chosen = self._draw([self._slots[i] for i in slots], logits)
+        masked, stuck = self._masks.apply(logits, [s.constraint if s.constrained else None
+                                                   for s in map(self._slots.__getitem__, slots)])
+        chosen = self._draw([self._slots[i] for i in slots], masked)
         running = [(row, self._slots[i]) for row, i in enumerate(slots) if not self._slots[i].finished]
         forced = set()
         for row, s in running:  # a slot still feeding its prompt takes its next prompt token instead
@@ -428,13 +460,29 @@ class Engine:
         for row, s in running:
             if row in forced:
                 event = s.feed_prompt(tokens[row], logprobs.chosen(row), logprobs.top(row, s.params.top_logprobs))
+            elif row in stuck:  # its grammar allows no token: it cannot go on
+                event = s.end(Finish.ERROR, s.constraint.error)
             else:
                 event = s.add(tokens[row], logprobs.chosen(row), logprobs.top(row, s.params.top_logprobs))
             if event is not None:
                 events[slots[row]] = event
                 if event.finish_reason is not None:
                     self._finish(slots[row])
+        self._prefetch_masks(slots)
         return events
+
+    def _start_constraints(self, slots: List[int]) -> None:
+        """Gives the new requests with a grammar their Constraint and starts their first masks,
+        computed while the prompts are prefilled."""
+        for slot in slots:
+            s = self._slots[slot]
+            if s.params.constraint is not None:
+                s.constraint = self._masks.start(s.params.constraint)
+        self._prefetch_masks(slots)
+
+    def _prefetch_masks(self, slots: List[int]) -> None:
+        """Starts the next masks of the slots that draw under a grammar next (the forward runs meanwhile)."""
+        self._masks.prefetch([s.constraint for s in map(self._slots.__getitem__, slots) if s is not None and s.constrained])
 
     def _draw(self, slots: List[_Slot], logits: torch.Tensor) -> torch.Tensor:
         """One sampled token per row: unseeded slots with the same settings in one call, in slot

@@ -134,6 +134,11 @@ class HuggingFaceTokenizer(Tokenizer):
                 out = out[1:]  # like decode(): the prefix space SentencePiece-style models add is dropped
         return out
 
+    def token_pieces(self) -> List[bytes]:
+        if self._piece_bytes is None:
+            self._piece_bytes = self._build_piece_bytes()
+        return list(self._piece_bytes)
+
     def _build_piece_bytes(self) -> List[bytes]:
         decoder = json.loads(self._path.read_text(encoding="utf-8")).get("decoder") or {}
         steps = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]

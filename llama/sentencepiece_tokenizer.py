@@ -71,6 +71,11 @@ class SentencePieceTokenizer(Tokenizer):
             out = out[1:]
         return out
 
+    def token_pieces(self) -> List[bytes]:
+        # Control tokens read as b"" (decode drops them); say which they are instead.
+        return [self.model.id_to_piece(i).encode("utf-8") if self.model.is_control(i) else self._piece_bytes[i]
+                for i in range(self.n_words)]
+
     def _first_piece_has_prefix_space(self, t: Sequence[int]) -> bool:
         for x in t:
             if self.model.is_control(int(x)):

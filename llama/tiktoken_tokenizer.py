@@ -118,3 +118,6 @@ class TiktokenTokenizer(Tokenizer):
 
     def decode_bytes(self, t: Sequence[int]) -> bytes:
         return self.model.decode_bytes([int(x) for x in t])
+
+    def token_pieces(self) -> List[bytes]:
+        return [self.model.decode_single_token_bytes(i) for i in range(self.n_words)]

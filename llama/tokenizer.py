@@ -163,6 +163,12 @@ class Tokenizer:
         """
         raise NotImplementedError
 
+    def token_pieces(self) -> List[bytes]:
+        """Each id's bytes as they read inside a text (no prefix space dropped, unlike decode_bytes
+        of one token); a special token's are its name's. One entry per id, n_words in all: what a
+        grammar library needs to know which tokens spell what (llama/constraints.py)."""
+        raise NotImplementedError
+
     def token_id(self, special_name: str) -> int:
         try:
             return self.special_tokens[special_name]
