@@ -46,6 +46,7 @@ class RequestOutput:
         self.prompt_logprobs: Optional[List[float]] = None  # when asked for (echo with logprobs)
         self.prompt_top_logprobs: Optional[List[Optional[List[Tuple[int, float]]]]] = None
         self.finish_reason: Optional[str] = None
+        self.error: Optional[str] = None  # with Finish.ERROR: why the engine could not go on
         self.text = TextStream(tokenizer, stop, prefix=self.prompt if echo else (), errors=errors) \
             if watch_text else None
         self._taken = 0  # tokens already handed out by take()
@@ -72,6 +73,7 @@ class RequestOutput:
                 self._finish(Finish.STOP_STRING)
                 return
         if event.finish_reason is not None:
+            self.error = event.error
             self._finish(event.finish_reason)
 
     def take(self) -> Delta:

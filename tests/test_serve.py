@@ -245,3 +245,96 @@ def test_a_seed_gives_the_same_sample(client):
     first, again = (complete(client, PROMPTS[0], seed=7, **options).choices[0].text for _ in range(2))
     assert first == again
     assert complete(client, PROMPTS[0], seed=8, **options).choices[0].text != first
+
+
+# --- response_format: constrained decoding (llama/constraints.py) ---
+
+# Bounded (strings, arrays and integers have limits), so that a random model's choices close them
+# well within max_tokens; the unbounded ones are checked on SmolLM2 (test_serve_smollm2.py).
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"}},
+     "required": ["colour", "ok"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5}, "minItems": 1, "maxItems": 4},
+    {"type": "object", "properties": {"a": {"type": "object", "properties": {
+        "b": {"type": "array", "items": {"enum": [1, "x", None]}, "maxItems": 3}}, "required": ["b"],
+        "additionalProperties": False}}, "required": ["a"], "additionalProperties": False},
+]
+
+
+def json_format(schema, name="answer"):
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+
+
+def chat_json(client, schema, stream=False, **options):
+    """(text, finish_reason) of a chat reply under the schema, whole or joined from its stream."""
+    options = {"model": MODEL, "messages": DIALOG, "max_tokens": 60, "temperature": 0,
+               "response_format": json_format(schema), **options}
+    if not stream:
+        choice = client.chat.completions.create(**options).choices[0]
+        return choice.message.content, choice.finish_reason
+    chunks = list(client.chat.completions.create(stream=True, **options))
+    return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
+
+
+def test_json_schema_replies_validate_streamed_and_not(client):
+    import jsonschema
+
+    for schema in SCHEMAS:
+        whole = chat_json(client, schema)
+        assert chat_json(client, schema, stream=True) == whole
+        for options in ({}, {"temperature": 1.0, "seed": 3}, {"temperature": 0.8, "extra_body": {"top_k": 50}, "seed": 4}):
+            text, reason = chat_json(client, schema, **options) if options else whole
+            assert reason == "stop", text
+            jsonschema.validate(json.loads(text), schema)
+    choice = client.completions.create(model=MODEL, prompt="JSON:", max_tokens=60, temperature=0,  # an extra, as in vLLM
+                                       extra_body={"response_format": json_format(SCHEMAS[1])}).choices[0]
+    jsonschema.validate(json.loads(choice.text), SCHEMAS[1])
+
+
+def test_constrained_requests_among_unconstrained_ones(client):
+    """In one batch, the unconstrained requests answer as alone and the constrained ones validate."""
+    import jsonschema
+
+    plain = [dict(prompt=p, max_tokens=20, temperature=0) for p in PROMPTS[:4]]
+
+    def ask(r):
+        choice = client.completions.create(model=MODEL, **r).choices[0]
+        return choice.text, choice.finish_reason
+
+    alone = [ask(r) for r in plain]
+    with ThreadPoolExecutor(8) as pool:
+        constrained = [pool.submit(chat_json, client, s, stream=i % 2 == 1) for i, s in enumerate(SCHEMAS)]
+        together = list(pool.map(ask, plain))
+        for schema, future in zip(SCHEMAS, constrained):
+            text, reason = future.result()
+            assert reason == "stop"
+            jsonschema.validate(json.loads(text), schema)
+    assert together == alone
+
+
+def test_max_tokens_before_the_json_closes_gives_length(client):
+    text, reason = chat_json(client, SCHEMAS[3], max_tokens=3)
+    assert reason == "length" and text.startswith('{"a"')  # truncated JSON, as OpenAI answers
+
+
+def test_bad_response_formats_get_400(server, client):
+    chat = {"model": MODEL, "messages": DIALOG, "max_tokens": 4}
+    cases = {
+        "a schema the library refuses": (json_format({"type": "string", "pattern": "(?<=x)a"}), "look-around"),
+        "an unknown keyword": (json_format({"type": "object", "unevaluatedProperties": False}), "unevaluatedProperties"),
+        "an unknown type": (json_format({"type": "sting"}), "sting"),
+        "no name": ({"type": "json_schema", "json_schema": {"schema": {}}}, "name"),
+        "json_schema missing": ({"type": "json_schema"}, "json_schema"),
+        "an unknown format type": ({"type": "yaml"}, "type"),
+    }
+    for name, (response_format, named) in cases.items():
+        error = assert_error_body(raw_post(server, "/chat/completions", json.dumps(
+            {**chat, "response_format": response_format}).encode()), 400)
+        assert named in error["message"] and error["param"] == "response_format", (name, error)
+    with pytest.raises(openai.BadRequestError, match="look-around"):
+        chat_json(client, {"type": "string", "pattern": "(?<=x)a"})
+    text, _ = chat_json(client, {"type": "string", "maxLength": 5})  # a format of type text works after them
+    assert json.loads(text) is not None

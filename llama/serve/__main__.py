@@ -21,6 +21,7 @@ except ImportError as e:
                      f"pip install -e '.[serve]'") from None
 
 from ..compiling import compile_by_default
+from ..constraints import Vocabulary
 from ..distributed import is_main_process
 from ..engine import Engine
 from ..generation import Llama
@@ -83,9 +84,11 @@ def main(
               "minutes with a cold one)", flush=True)
         llama.decode_step.warm_up()
         print(f"Compiled in {time.perf_counter() - started:.1f} s", flush=True)
-    # The server's own engine: its slots are the rows of the model's KV cache.
+    # The server's own engine: its slots are the rows of the model's KV cache. The vocabulary (for
+    # response_format) is built by the first request that needs it, on every rank.
     engine = Engine(llama.model, decode_step=llama.decode_step, prefill_chunk=prefill_chunk or None,
-                    prefix_reuse=bool(prefix_reuse))
+                    prefix_reuse=bool(prefix_reuse),
+                    vocabulary=Vocabulary(llama.tokenizer, llama.model.params.vocab_size))
     if is_main_process():
         serve(llama, engine, str(host), port, model_name, api_key, max_queue, origins)
     else:

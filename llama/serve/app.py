@@ -13,10 +13,12 @@ from typing import List, Optional, Tuple, Union
 from aiohttp import web
 
 from ..chat_format import ChatFormat
+from ..constraints import Grammar
 from ..engine import Finish, SamplingParams
 from ..outputs import Delta, RequestOutput
 from ..tokenizer import Tokenizer
 from .cors import Cors
+from .formats import compile_response_format
 from .metrics import Metrics
 from .scheduler import Job, Scheduler
 from .schemas import (ApiError, ChatCompletionRequest, CompletionRequest, message_text, parse_body)
@@ -117,7 +119,8 @@ class _Routes:
         self._check_model(body.model)
         prompt = self._completion_prompt(body.prompt)
         want_logprobs = body.logprobs is not None
-        params = self._params(body, prompt, body.max_tokens, want_logprobs, body.logprobs or 0, body.echo)
+        params = self._params(body, prompt, body.max_tokens, want_logprobs, body.logprobs or 0, body.echo,
+                              await compile_response_format(body.response_format))
         echo = None  # the prompt as sent (token ids: their text), which then opens the reply
         if body.echo:
             sent = _only_prompt(body.prompt)
@@ -131,7 +134,8 @@ class _Routes:
         self._check_model(body.model)
         prompt = self._chat_prompt(body)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = self._params(body, prompt, max_tokens, body.logprobs, body.top_logprobs or 0, False)
+        params = self._params(body, prompt, max_tokens, body.logprobs, body.top_logprobs or 0, False,
+                              await compile_response_format(body.response_format))
         job = self.s.scheduler.submit(prompt, params)
         reply = _ChatReply(self.s, body, job, body.logprobs)
         return await _answer(request, job, reply, body.stream)
@@ -166,7 +170,7 @@ class _Routes:
             raise ApiError(400, str(e), param="messages") from None
 
     def _params(self, body, prompt: List[int], max_tokens: Optional[int], logprobs: bool, top_logprobs: int,
-                echo: bool) -> SamplingParams:
+                echo: bool, constraint: Optional[Grammar]) -> SamplingParams:
         room = self.s.max_seq_len - len(prompt)
         if room < 1 or (max_tokens is not None and max_tokens > room):
             asked = f" and max_tokens asks for {max_tokens} more" if max_tokens is not None else ""
@@ -175,7 +179,8 @@ class _Routes:
                            param="max_tokens" if room >= 1 else "prompt", code="context_length_exceeded")
         return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
                               max_new_tokens=max_tokens or room, logprobs=logprobs, top_logprobs=top_logprobs,
-                              prompt_logprobs=echo and logprobs, stop_tokens=tuple(self.s.tokenizer.stop_tokens))
+                              prompt_logprobs=echo and logprobs, stop_tokens=tuple(self.s.tokenizer.stop_tokens),
+                              constraint=constraint)
 
 
 def _only_prompt(prompt):
@@ -254,6 +259,8 @@ class _Reply:
             self.output.add(event)
         if self.output.finished:
             self.service.scheduler.release(self.job)
+        if self.output.error is not None:  # the response format's grammar allowed no token
+            return ApiError(500, f"constrained decoding failed: {self.output.error}", code="constraint_failed")
         delta = self.output.take()
         if delta.tokens and self.first_token is None:
             self.first_token = time.monotonic()

@@ -6,7 +6,7 @@ tools, penalties 0...) and refused with a clear 400 otherwise.
 """
 
 import json
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -34,6 +34,19 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # as OpenAI requires
+    description: Optional[str] = None
+    # "schema" would shadow pydantic's BaseModel.schema, hence the alias.
+    json_schema: Union[Dict[str, object], bool] = Field(True, alias="schema")  # absent: any JSON value
+    strict: Optional[bool] = None  # the schema is always enforced (see the README)
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
 class _Sampling(_Strict):
     """What completions and chat completions share."""
     model: Optional[str] = None  # absent: the model this server serves (as llama.cpp and vLLM do)
@@ -50,6 +63,7 @@ class _Sampling(_Strict):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Optional[Dict[str, float]] = None
+    response_format: Optional[ResponseFormat] = None  # constrained decoding (llama/serve/formats.py)
 
     def stop_strings(self) -> List[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -82,7 +96,6 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     tools: Optional[List[object]] = None
     tool_choice: Optional[object] = None
-    response_format: Optional[Dict[str, object]] = None
     parallel_tool_calls: Optional[bool] = None
 
 
@@ -124,6 +137,9 @@ def _refuse_unsupported(r: _Sampling) -> None:
         refuse("presence_penalty" if r.presence_penalty else "frequency_penalty", "a penalty other than 0")
     if r.logit_bias:
         refuse("logit_bias", "logit_bias")
+    if r.response_format is not None and (r.response_format.type == "json_schema") != bool(r.response_format.json_schema):
+        raise ApiError(400, "response_format.json_schema is required with type 'json_schema', and only with it",
+                       param="response_format")
     if isinstance(r, CompletionRequest):
         if r.best_of not in (None, 1):
             refuse("best_of", "best_of > 1")
@@ -138,8 +154,6 @@ def _refuse_unsupported(r: _Sampling) -> None:
             refuse("tools", "tool calling")
         if r.tool_choice not in (None, "none"):
             refuse("tool_choice", "tool calling")
-        if r.response_format and r.response_format.get("type") != "text":
-            refuse("response_format", "a response format other than text")
         if r.top_logprobs and not r.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
 
