@@ -69,3 +69,46 @@ def test_greedy_completions_and_chat_equal_transformers(server, expected):
     with ThreadPoolExecutor(len(PROMPTS) + len(DIALOGS)) as pool:  # all at once: one batch
         together = [pool.submit(complete, p) for p in PROMPTS] + [pool.submit(chat, d) for d in DIALOGS]
         assert [f.result() for f in together] == plain + replies
+
+
+CITY = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"},
+                                         "population_millions": {"type": "number"}},
+        "required": ["city", "country"], "additionalProperties": False}
+ASK_JSON = [{"role": "user", "content": "Give the capital of France as JSON with the keys city and country."}]
+
+
+def test_structured_replies_validate_among_plain_ones(server, expected):
+    """json_schema and json_object replies, whole and streamed, parse and validate, sent together
+    with plain greedy chats, which still equal transformers' replies."""
+    import json
+
+    import jsonschema
+
+    client = server.client()
+    formats = [{"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}},
+               {"type": "json_object"}]
+
+    def structured(response_format, stream):
+        options = dict(model="smollm2", messages=ASK_JSON, max_tokens=60, temperature=0,
+                       response_format=response_format)
+        if not stream:
+            choice = client.chat.completions.create(**options).choices[0]
+            return choice.message.content, choice.finish_reason
+        chunks = list(client.chat.completions.create(stream=True, **options))
+        return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
+
+    def chat(dialog):
+        choice = client.chat.completions.create(model="smollm2", messages=dialog, max_tokens=NEW_TOKENS,
+                                                temperature=0).choices[0]
+        return choice.message.content, choice.finish_reason
+
+    with ThreadPoolExecutor(4) as pool:
+        replies = [pool.submit(structured, f, stream) for f in formats for stream in (False, True)]
+        plain = list(pool.map(chat, DIALOGS[:1] * 2))  # the other slots: greedy chats
+        replies = [r.result() for r in replies]
+    assert plain == expected[1][:1] * 2
+    assert replies[0] == replies[1] and replies[2] == replies[3]  # streamed joins to the whole
+    for (text, reason), schema in zip(replies[::2], [CITY, {"type": "object"}]):
+        assert reason == "stop", text
+        jsonschema.validate(json.loads(text), schema)
+    assert json.loads(replies[0][0])["city"] == "Paris"
