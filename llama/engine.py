@@ -482,7 +482,8 @@ class Engine:
 
     def _prefetch_masks(self, slots: List[int]) -> None:
         """Starts the next masks of the slots that draw under a grammar next (the forward runs meanwhile)."""
-        self._masks.prefetch([s.constraint for s in map(self._slots.__getitem__, slots) if s is not None and s.constrained])
+        slots = [self._slots[i] for i in slots]
+        self._masks.prefetch([s.constraint for s in slots if s is not None and s.constrained])
 
     def _draw(self, slots: List[_Slot], logits: torch.Tensor) -> torch.Tensor:
         """One sampled token per row: unseeded slots with the same settings in one call, in slot

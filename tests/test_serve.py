@@ -285,11 +285,13 @@ def test_json_schema_replies_validate_streamed_and_not(client):
     for schema in SCHEMAS:
         whole = chat_json(client, schema)
         assert chat_json(client, schema, stream=True) == whole
-        for options in ({}, {"temperature": 1.0, "seed": 3}, {"temperature": 0.8, "extra_body": {"top_k": 50}, "seed": 4}):
+        sampled = ({"temperature": 1.0, "seed": 3}, {"temperature": 0.8, "extra_body": {"top_k": 50}, "seed": 4})
+        for options in ({}, *sampled):
             text, reason = chat_json(client, schema, **options) if options else whole
             assert reason == "stop", text
             jsonschema.validate(json.loads(text), schema)
-    choice = client.completions.create(model=MODEL, prompt="JSON:", max_tokens=60, temperature=0,  # an extra, as in vLLM
+    # on completions too (an extra, as in vLLM)
+    choice = client.completions.create(model=MODEL, prompt="JSON:", max_tokens=60, temperature=0,
                                        extra_body={"response_format": json_format(SCHEMAS[1])}).choices[0]
     jsonschema.validate(json.loads(choice.text), SCHEMAS[1])
 
@@ -324,7 +326,8 @@ def test_bad_response_formats_get_400(server, client):
     chat = {"model": MODEL, "messages": DIALOG, "max_tokens": 4}
     cases = {
         "a schema the library refuses": (json_format({"type": "string", "pattern": "(?<=x)a"}), "look-around"),
-        "an unknown keyword": (json_format({"type": "object", "unevaluatedProperties": False}), "unevaluatedProperties"),
+        "an unknown keyword": (json_format({"type": "object", "unevaluatedProperties": False}),
+                               "unevaluatedProperties"),
         "an unknown type": (json_format({"type": "sting"}), "sting"),
         "no name": ({"type": "json_schema", "json_schema": {"schema": {}}}, "name"),
         "json_schema missing": ({"type": "json_schema"}, "json_schema"),

@@ -137,7 +137,8 @@ def _refuse_unsupported(r: _Sampling) -> None:
         refuse("presence_penalty" if r.presence_penalty else "frequency_penalty", "a penalty other than 0")
     if r.logit_bias:
         refuse("logit_bias", "logit_bias")
-    if r.response_format is not None and (r.response_format.type == "json_schema") != bool(r.response_format.json_schema):
+    form = r.response_format
+    if form is not None and (form.type == "json_schema") != (form.json_schema is not None):
         raise ApiError(400, "response_format.json_schema is required with type 'json_schema', and only with it",
                        param="response_format")
     if isinstance(r, CompletionRequest):
