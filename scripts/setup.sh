@@ -3,22 +3,26 @@
 # ("convert": what python -m llama.convert needs; "test": what the test suite needs, converter
 # included). Set VENV to use another folder.
 # bash scripts/setup.sh --dry-run prints the torch installs it would try, in order, and exits.
+# TORCH_VERSION picks another torch (TORCH_CPU_VERSION, its old name, still works): the suite is
+# run on the default, and llama/compiling.py sets a private torch._dynamo option, so another
+# version may need checking first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-TORCH_VERSION=${TORCH_CPU_VERSION:-2.13.0}
+TORCH_VERSION=${TORCH_VERSION:-${TORCH_CPU_VERSION:-2.13.0}}
 CPU_INDEX=https://download.pytorch.org/whl/cpu
 
 has_gpu() {
   command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1
 }
 
-# The pip arguments for torch, one attempt per line, best first. The default index serves the
-# CUDA build (~5 GB with its libraries): taken only with a GPU. Without one, PyTorch's CPU index
-# comes first; the default index is the fallback (a machine with its own wheel mirror, or offline).
+# The pip arguments for torch, one attempt per line, best first; the same version either way. The
+# default index serves the CUDA build on Linux (~5 GB with its libraries): taken only with a GPU.
+# Without one, PyTorch's CPU index comes first; the default index is the fallback (a machine with
+# its own wheel mirror, or offline).
 torch_installs() {
   if has_gpu; then
-    echo "torch"
+    echo "torch==$TORCH_VERSION"
   else
     echo "torch==$TORCH_VERSION --index-url $CPU_INDEX"
     echo "torch==$TORCH_VERSION"
