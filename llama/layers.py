@@ -5,13 +5,15 @@
   turns into one bandwidth-bound loop (~3.5x faster than the BLAS call at batch 1 on our CPU);
 - multiplies through a quantized product (llama/quantize.py) once one has been given to it, one
   for all the layers that read the same input when they were joined;
-- talks to the other ranks with plain collectives, which torch.compile can trace.
+- talks to the other ranks with collectives torch.compile traces as they are (out-of-place
+  functional ones where compiled or on an accelerator; see _functional).
 """
 
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_group, get_model_parallel_world_size
 from fairscale.nn.model_parallel.layers import (
@@ -44,18 +46,42 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if get_model_parallel_world_size() > 1:
-        dist.all_reduce(x, group=get_model_parallel_group())
+def _functional(x: torch.Tensor) -> bool:
+    """Whether to talk through the out-of-place functional collectives: under torch.compile, which
+    traces them as they are (an in-place collective it rewrites into one plus a copy back, and
+    compiled in-place collectives have given wrong results: all zeros from all_reduce on XPU,
+    vllm#39844; a wrong all_gather, pytorch#159350), and on any accelerator, whose graphs then
+    capture no in-place collective. Eager on CPU (gloo) the in-place call stays: it does the same
+    work, and the functional one costs ~0.2 ms more per call there (on our 2-core CPU, gloo group
+    of one: 0.36 against 0.14 ms for an all_reduce, 0.53 against 0.18 ms for a gather), where an
+    eager step makes two per layer."""
+    return torch.compiler.is_compiling() or x.device.type != "cpu"
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """The sum of x over the model-parallel ranks (x itself when alone). x may be overwritten
+    with the sum; use the result."""
+    if get_model_parallel_world_size() == 1:
+        return x
+    group = get_model_parallel_group()
+    if _functional(x):
+        return funcol.all_reduce(x, "sum", group)
+    dist.all_reduce(x, group=group)
     return x
 
 
-def _all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """x (..., n) of every model-parallel rank, joined in rank order: (..., world * n)."""
     world = get_model_parallel_world_size()
     if world == 1:
         return x
+    group = get_model_parallel_group()
+    if _functional(x):
+        # The last dim by its index: all_gather_single fails on gather_dim=-1 at batch 1 (it
+        # views the result to a wrong shape).
+        return funcol.all_gather_single(x.contiguous(), x.dim() - 1, group)
     parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=get_model_parallel_group())
+    dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=-1)
 
 
@@ -81,7 +107,7 @@ class ColumnParallel(_Quantizable, ColumnParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._product(x)
-        return _all_gather_last_dim(y) if self.gather_output else y
+        return all_gather_last_dim(y) if self.gather_output else y
 
 
 def column_products(x: torch.Tensor, *layers: ColumnParallel):
@@ -103,7 +129,7 @@ class RowParallel(_Quantizable, RowParallelLinear):
         self.register_module("product", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _all_reduce(self._product(x))
+        return all_reduce(self._product(x))
 
 
 def _weight(layer: nn.Module):
@@ -156,11 +182,11 @@ class VocabParallel(VocabParallelEmbedding):
         local = tokens - self.vocab_start_index
         elsewhere = (local < 0) | (local >= self.num_embeddings_per_partition)
         rows = F.embedding(local.masked_fill(elsewhere, 0), self.weight)
-        return _all_reduce(rows.masked_fill(elsewhere.unsqueeze(-1), 0))
+        return all_reduce(rows.masked_fill(elsewhere.unsqueeze(-1), 0))
 
 
 class DimParallel(ParallelEmbedding):
     """Holds a slice of every row's features (Llama 2's split); gathers the rest."""
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return _all_gather_last_dim(F.embedding(tokens, self.weight))
+        return all_gather_last_dim(F.embedding(tokens, self.weight))
