@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from .constraints import Constraint, Grammar, Masks, Vocabulary
 from .model import Transformer
 from .prefixes import PrefixCache
+from .prompt_logprobs import chunk_positions, prompt_logprobs
 from .sampling import check_sampling, sample_next
 
 
@@ -330,17 +331,23 @@ class Engine:
         # Right padding writes keys past a prompt's end, which that row overwrites before reading.
         if not any(self._slots[slot].params.prompt_logprobs for slot in slots):
             return self.model(tokens, 0, last_index=last_index, kv_len=max(lengths), rows=rows)
-        logits = self.model(tokens, 0, kv_len=max(lengths), rows=rows)
-        every = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        logprobs = every.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1).tolist()
-        for row, (slot, n) in enumerate(zip(slots, lengths)):
-            s = self._slots[slot]
-            if s.params.prompt_logprobs:
-                s.prompt_logprobs = [0.0] + logprobs[row][:n - 1]
-                if s.params.top_logprobs:
-                    values, ids = torch.topk(every[row, :n - 1], min(s.params.top_logprobs, every.shape[-1]))
-                    s.prompt_top_logprobs = [None] + [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-        return logits[torch.arange(len(slots), device=self.device), last_index]
+        hidden = self.model(tokens, 0, kv_len=max(lengths), rows=rows, hidden=True)
+        self._prompt_logprobs(slots, lengths, tokens, hidden)
+        return self.model.logits(hidden[torch.arange(len(slots), device=self.device), last_index])
+
+    def _prompt_logprobs(self, slots: List[int], lengths: List[int], tokens: torch.Tensor,
+                         hidden: torch.Tensor) -> None:
+        """Records the prompt logprobs of the slots that asked, from their prefill's hidden states
+        (batch, seq, dim), projected a bounded chunk of positions at a time."""
+        asking = [row for row, slot in enumerate(slots) if self._slots[slot].params.prompt_logprobs]
+        top_k = max(self._slots[slots[row]].params.top_logprobs for row in asking)
+        logprobs, tops = prompt_logprobs(self.model.logits, hidden, tokens, asking, [lengths[row] for row in asking],
+                                         top_k, chunk_positions(self.model.vocab_size))
+        for n, row in enumerate(asking):
+            s = self._slots[slots[row]]
+            s.prompt_logprobs = [0.0] + logprobs[n]
+            if s.params.top_logprobs:
+                s.prompt_top_logprobs = [None] + [top[:s.params.top_logprobs] for top in tops[n]]
 
     @torch.inference_mode()
     def step(self) -> List[TokenEvent]:

@@ -215,7 +215,7 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos, last_index: Optional[torch.Tensor] = None,
                 kv_len: Optional[int] = None, rows: Optional[torch.Tensor] = None,
-                causal: Optional[bool] = None) -> torch.Tensor:
+                causal: Optional[bool] = None, hidden: bool = False) -> torch.Tensor:
         """tokens: (batch, seq). start_pos: an int, or a (batch,) tensor giving each row's position
         of tokens[:, 0]. Keys/values are written to the cache at those positions, and each query
         attends to its own row's cache up to its position.
@@ -228,7 +228,10 @@ class Transformer(nn.Module):
         new prompts can be prefilled into free slots while other rows hold running sequences.
         causal: for a prefill from position 0 (start_pos 0, kv_len = seq), attend causally with no
         mask, which CUDA's fast attention kernels need (they refuse any mask); None: on CUDA only
-        (on CPU the masked call is as fast, and keeps its results to the last bit)."""
+        (on CPU the masked call is as fast, and keeps its results to the last bit).
+        hidden: return the last block's hidden states (batch, seq, dim), in the model's dtype,
+        instead: logits() turns them into logits, so a caller can project a few positions at a
+        time (llama/prompt_logprobs.py)."""
         batch, seq = tokens.shape
         from_start = not isinstance(start_pos, torch.Tensor) and int(start_pos) == 0 and kv_len in (None, seq)
         if causal is None:
@@ -243,19 +246,31 @@ class Transformer(nn.Module):
             kv_len = int(positions.max()) + 1
         if rows is not None:
             rows = rows.to(tokens.device)
-        return self._forward(tokens, positions, torch.arange(kv_len, device=tokens.device), last_index, rows, causal)
+        key_positions = torch.arange(kv_len, device=tokens.device)
+        if hidden:
+            return self._hidden(tokens, positions, key_positions, rows, causal)
+        return self._forward(tokens, positions, key_positions, last_index, rows, causal)
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor,
                  last_index: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None,
                  causal: bool = False) -> torch.Tensor:
-        batch = tokens.shape[0]
+        h = self._hidden(tokens, positions, key_positions, rows, causal)
+        if last_index is not None:
+            h = h[torch.arange(tokens.shape[0], device=h.device), last_index.to(h.device)]
+        return self.logits(h)
+
+    def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor,
+                rows: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
         mask = None if causal else (key_positions <= positions.unsqueeze(-1)).unsqueeze(1)  # (batch, 1, seq, kv_len)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, positions, cos, sin, mask, rows)
-        if last_index is not None:
-            h = h[torch.arange(batch, device=h.device), last_index.to(h.device)]
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Float logits (..., vocab) of the last block's hidden states h (..., dim) (forward's
+        hidden=True)."""
         return self.output(self.norm(h)).float()
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:

@@ -230,3 +230,41 @@ def test_admit_refuses_bad_requests(llama, prompts):
     with pytest.raises(ValueError, match="temperature"):
         engine.admit([Request(0, prompts[0], SamplingParams(temperature=-1))])
     assert engine.free_slots == 4
+
+
+def test_prompt_logprobs_in_chunks_match_the_whole_log_softmax(llama, prompts, monkeypatch):
+    """Prompt logprobs are projected a few positions at a time (llama/prompt_logprobs.py): here 3,
+    so each prompt spans several chunks, and a chunk spans two prompts. They equal the log_softmax
+    of the model's full logits over the same padded batch, computed whole, to the last bits (a
+    product over 3 rows may sum in another order than one over all of them)."""
+    from llama import prompt_logprobs
+
+    vocab = llama.model.vocab_size
+    monkeypatch.setattr(prompt_logprobs, "CHUNK_BYTES", 3 * 8 * vocab)
+    batch = [prompts[2], prompts[0], prompts[1]]  # 13, 2 and 6 tokens
+    lengths = [len(p) for p in batch]
+    padded = torch.tensor([p + [0] * (max(lengths) - len(p)) for p in batch])
+    every = torch.log_softmax(llama.model(padded, 0), dim=-1)  # (batch, seq, vocab), all at once
+    rows_projected = []
+    logits = llama.model.logits
+    monkeypatch.setattr(llama.model, "logits", lambda h: rows_projected.append(h.shape[0]) or logits(h))
+
+    asks = [SamplingParams(temperature=0, max_new_tokens=1, prompt_logprobs=True, top_logprobs=5),
+            SamplingParams(temperature=0, max_new_tokens=1),  # no prompt logprobs: not projected
+            SamplingParams(temperature=0, max_new_tokens=1, prompt_logprobs=True, top_logprobs=0)]
+    events = Engine(llama.model).admit([Request(i, p, params) for i, (p, params) in enumerate(zip(batch, asks))])
+
+    scored = (lengths[0] - 1) + (lengths[2] - 1)
+    assert rows_projected == [3] * (scored // 3) + [scored % 3] * (scored % 3 > 0) + [3]  # + the last positions
+    for row in (0, 2):
+        n = lengths[row]
+        want = every[row, torch.arange(n - 1), padded[row, 1:n]].tolist()
+        assert events[row].prompt_logprobs[0] == 0.0
+        assert events[row].prompt_logprobs[1:] == pytest.approx(want, rel=1e-6)
+        assert events[row].token == int(every[row, n - 1].argmax())
+    assert events[1].prompt_logprobs is None and events[2].prompt_top_logprobs is None
+    top = events[0].prompt_top_logprobs
+    assert top[0] is None and len(top) == lengths[0]
+    values, ids = torch.topk(every[0, :lengths[0] - 1], 5)
+    assert [[t for t, _ in pos] for pos in top[1:]] == ids.tolist()
+    assert [lp for pos in top[1:] for _, lp in pos] == pytest.approx(values.flatten().tolist(), rel=1e-6)
