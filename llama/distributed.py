@@ -175,6 +175,30 @@ def control_group() -> Optional[dist.ProcessGroup]:
     return _control_group
 
 
+def rank_zero_draws(tokens: torch.Tensor) -> torch.Tensor:
+    """The tokens (batch,) that global rank 0 sampled, on every rank, when the ranks run on GPUs.
+
+    Every rank samples the same logits (the output layer's gather hands each rank the same tensor)
+    with the same seeds, so the ranks agree wherever the same kernels draw the same random
+    numbers. A CUDA sampling kernel's grid, and so which random number each element gets and how
+    far the generator moves, follows the GPU's multiprocessor count (ATen's calc_execution_policy):
+    ranks on different GPU models could pick different tokens, then stop at different steps and
+    hang in their next collective. Rank 0's pick, sent over the gloo control group, settles it: one
+    small message a step, beside a read-back the engine makes anyway. CPU ranks get no message (it
+    would cost every step a gloo round trip): one machine's ranks run the same code; CPU nodes with
+    different vector units are not covered."""
+    if tokens.device.type == "cpu" or not dist.is_initialized() or dist.get_world_size() == 1:
+        return tokens
+    return broadcast_tokens(tokens)
+
+
+def broadcast_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Global rank 0's tokens, on every rank, on tokens' device (through host memory)."""
+    host = tokens.cpu()
+    dist.broadcast(host, src=0, group=control_group())
+    return host.to(tokens.device)
+
+
 def _destroy_process_groups() -> None:
     """At exit, while the interpreter is still whole: frees every process group, which joins its
     gloo threads. A group is freed when its last reference goes, and destroy_process_group() drops

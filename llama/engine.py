@@ -17,8 +17,10 @@ between batches, which can move a draw (or an argmax) between near-equal tokens 
 seed does and does not promise"). Requests without a seed and with the same settings are sampled
 in one call on torch's global generator, in slot order, as Meta's loop samples a batch.
 
-The engine adds no communication: under torchrun every rank calls admit/step/release in the same
-order with the same arguments, and the model's collectives keep the ranks together.
+Under torchrun every rank calls admit/step/release in the same order with the same arguments, and
+the model's collectives keep the ranks together. The engine adds no communication of its own, but
+for one small message per sampling on GPUs: rank 0's draws, which every rank then takes
+(distributed.rank_zero_draws).
 
 A request with a grammar (SamplingParams.constraint, llama/constraints.py) draws only the tokens it
 allows: its masks are computed on a worker thread while the model runs, and every rank computes
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .constraints import Constraint, Grammar, Masks, Vocabulary
+from .distributed import rank_zero_draws
 from .model import Transformer
 from .prefixes import PrefixCache
 from .prompt_logprobs import chunk_positions, prompt_logprobs
@@ -452,7 +455,7 @@ class Engine:
         on; returns the events of those that moved on (not the ones still feeding their prompt)."""
         masked, stuck = self._masks.apply(logits, [s.constraint if s.constrained else None
                                                    for s in map(self._slots.__getitem__, slots)])
-        chosen = self._draw([self._slots[i] for i in slots], masked)
+        chosen = rank_zero_draws(self._draw([self._slots[i] for i in slots], masked))
         running = [(row, self._slots[i]) for row, i in enumerate(slots) if not self._slots[i].finished]
         forced = set()
         for row, s in running:  # a slot still feeding its prompt takes its next prompt token instead
