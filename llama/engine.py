@@ -27,155 +27,25 @@ allows: its masks are computed on a worker thread while the model runs, and ever
 the same ones. Requests without one cost nothing extra.
 """
 
-from dataclasses import dataclass
 from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .constraints import Constraint, Grammar, Masks, Vocabulary
+from .constraints import Masks, Vocabulary
 from .distributed import rank_zero_draws
 from .model import Transformer
 from .prefixes import PrefixCache
 from .prompt_logprobs import chunk_positions, prompt_logprobs
+from .requests import Finish, Request, SamplingParams, TokenEvent  # noqa: F401 (the engine's API)
 from .sampling import check_sampling, sample_next
-
-
-class Finish:
-    """Why a request ended: one vocabulary from the engine to the APIs (the server maps it to
-    OpenAI's "stop" / "length")."""
-    STOP_TOKEN = "stop_token"  # the model chose a stop token (decided here; the token is not output)
-    LENGTH = "length"  # max_new_tokens or the context reached (decided here)
-    STOP_STRING = "stop_string"  # a stop string appeared in the text (decided by llama/outputs.py)
-    ERROR = "error"  # the request's grammar allows no token (TokenEvent.error says why)
+from .slots import Slot
 
 
 # How admit() prefills a batch. "together": every prompt whole, in one forward. "reference": Meta's
 # loop: the shortest prompt's length together, then one position per step for every row, a row
 # fed its own prompt tokens while they last (what was sampled for it there is dropped).
 PREFILL_POLICIES = ("together", "reference")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request is decoded. temperature 0 is greedy; top_k None or 0 is off."""
-
-    temperature: float = 0.6
-    top_p: float = 0.9
-    top_k: Optional[int] = None
-    seed: Optional[int] = None  # None: torch's global generator (Meta's behaviour)
-    max_new_tokens: Optional[int] = None  # None: until the context (max_seq_len) is full
-    logprobs: bool = False  # the log-probability of each new token
-    top_logprobs: int = 0  # also the k most likely (token, logprob) at each new token
-    prompt_logprobs: bool = False  # the prompt tokens' log-probabilities (echo), with the first event
-    # (and their top_logprobs most likely rivals, when top_logprobs is set)
-    stop_tokens: Tuple[int, ...] = ()  # tokens that end the request (tokenizer.stop_tokens)
-    # What the output must match (llama/constraints.py): disallowed tokens are masked before
-    # temperature, top-k, top-p and greedy; logprobs stay those of the raw logits.
-    constraint: Optional[Grammar] = None
-
-
-@dataclass(frozen=True)
-class Request:
-    id: Hashable
-    prompt: Sequence[int]
-    params: SamplingParams = SamplingParams()
-
-
-@dataclass
-class TokenEvent:
-    """What admit() and step() return for each request that moved on.
-
-    token: the new token, part of the output; None when the request ended without one (a stop
-        token, which is not output, or no room for any new token).
-    logprob / top_logprobs: when asked for; log-probabilities under the raw (untempered) logits.
-    finish_reason: None while the request goes on; Finish.STOP_TOKEN or Finish.LENGTH
-        (max_new_tokens or the context reached) when it ended with this event.
-    prompt_logprobs: on the request's first event, when it asked for them: one per prompt token,
-        0.0 for the first.
-    prompt_top_logprobs: with them, when top_logprobs is set too: the top_logprobs most likely
-        (token, logprob) at each prompt token, None for the first."""
-
-    request_id: Hashable
-    token: Optional[int]
-    logprob: Optional[float] = None
-    top_logprobs: Optional[List[Tuple[int, float]]] = None
-    finish_reason: Optional[str] = None
-    prompt_logprobs: Optional[List[float]] = None
-    prompt_top_logprobs: Optional[List[Optional[List[Tuple[int, float]]]]] = None
-    error: Optional[str] = None  # with Finish.ERROR: why the request could not go on
-
-
-class _Slot:
-    """A request in its cache row: where its next token goes, and how many it may still add."""
-
-    def __init__(self, request: Request, prefilled: int, budget: int, device: torch.device, order: int,
-                 in_chunks: bool = False):
-        self.request = request
-        self.params = request.params
-        self.order = order  # when it was admitted: chunked prefills go oldest first
-        self.position = prefilled  # where the next fed (or prefilled) token is written
-        # prompt tokens still to feed, one per step (prefill="reference"), or to prefill in chunks
-        self.forced = [] if in_chunks else list(request.prompt[prefilled:])
-        self.prefilling = in_chunks
-        self.cached = list(request.prompt[:prefilled])  # the tokens whose keys and values the row holds
-        self.last: Optional[int] = None  # the newest token, fed at the next step
-        self.budget = budget  # new tokens it may add
-        self.generated = 0
-        self.finished = False
-        self.prompt_logprobs: Optional[List[float]] = None  # until handed out with the first event
-        self.prompt_top_logprobs: Optional[List[Optional[List[Tuple[int, float]]]]] = None
-        self.stop_tokens = frozenset(request.params.stop_tokens)
-        seed = request.params.seed
-        self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-        self.constraint: Optional[Constraint] = None  # the engine gives it one when params.constraint is set
-
-    @property
-    def constrained(self) -> bool:
-        """Its next draw is a new token under a grammar (not a prompt token, not an idle held slot)."""
-        return self.constraint is not None and not self.finished and not self.forced
-
-    @property
-    def sampling_group(self) -> tuple:
-        """Slots with the same key are sampled in one call (a seeded one alone, on its generator)."""
-        p = self.params
-        return ("seed", id(self)) if p.seed is not None and p.temperature > 0 else (p.temperature, p.top_p, p.top_k)
-
-    def feed_prompt(self, token: int, logprob: Optional[float],
-                    top: Optional[List[Tuple[int, float]]]) -> Optional[TokenEvent]:
-        """Takes its next prompt token (prefill="reference"); an event only if that ends it."""
-        self.last = token
-        if self.params.prompt_logprobs:
-            self.prompt_logprobs.append(logprob)
-            if self.prompt_top_logprobs is not None:
-                self.prompt_top_logprobs.append(top)
-        if not self.forced and self.budget == 0:  # the whole prompt seen, no room for a new token
-            return self.end(Finish.LENGTH)
-        return None
-
-    def add(self, token: int, logprob: Optional[float], top: Optional[List[Tuple[int, float]]]) -> TokenEvent:
-        """Takes a sampled token: the event of a new output token, or of its end."""
-        if token in self.stop_tokens:  # ends the request; the stop token is not output
-            return self.end(Finish.STOP_TOKEN)
-        if self.constraint is not None and not self.constraint.advance(token):
-            return self.end(Finish.ERROR, self.constraint.error)
-        self.last = token
-        self.generated += 1
-        return self._event(token, logprob if self.params.logprobs else None, top,
-                           Finish.LENGTH if self.generated == self.budget else None)
-
-    def end(self, reason: str, error: Optional[str] = None) -> TokenEvent:
-        """The event of its end without a new token."""
-        event = self._event(None, finish_reason=reason)
-        event.error = error
-        return event
-
-    def _event(self, token: Optional[int], logprob: Optional[float] = None,
-               top: Optional[List[Tuple[int, float]]] = None, finish_reason: Optional[str] = None) -> TokenEvent:
-        event = TokenEvent(self.request.id, token, logprob, top, finish_reason, self.prompt_logprobs,
-                           self.prompt_top_logprobs)
-        self.prompt_logprobs = self.prompt_top_logprobs = None  # handed out with the first event only
-        return event
 
 
 class _Logprobs:
@@ -245,7 +115,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self._admitted = 0
         self.prefixes = PrefixCache(self.max_batch_size) if prefix_reuse else None
-        self._slots: List[Optional[_Slot]] = [None] * self.max_batch_size
+        self._slots: List[Optional[Slot]] = [None] * self.max_batch_size
         self._slot_of: Dict[Hashable, int] = {}
         self._masks = Masks(vocabulary)
 
@@ -275,7 +145,7 @@ class Engine:
         for r, n, budget, (slot, reused) in zip(requests, lengths, budgets, self._place(requests, budgets, prefill)):
             later = reused > 0 or (prefill == "together" and self.prefill_chunk is not None and n > self.prefill_chunk
                                    and budget > 0 and not r.params.prompt_logprobs)
-            self._slots[slot] = _Slot(r, reused if later else n, budget, self.device, self._admitted, later)
+            self._slots[slot] = Slot(r, reused if later else n, budget, self.device, self._admitted, later)
             self._admitted += 1
             self._slot_of[r.id] = slot
             admitted.append(slot)
@@ -495,7 +365,7 @@ class Engine:
         slots = [self._slots[i] for i in slots]
         self._masks.prefetch([s.constraint for s in slots if s is not None and s.constrained])
 
-    def _draw(self, slots: List[_Slot], logits: torch.Tensor) -> torch.Tensor:
+    def _draw(self, slots: List[Slot], logits: torch.Tensor) -> torch.Tensor:
         """One sampled token per row: unseeded slots with the same settings in one call, in slot
         order (held finished ones too, as Meta's loop draws for every row); a seeded one alone."""
         groups: Dict[tuple, List[int]] = {}

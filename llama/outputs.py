@@ -10,7 +10,7 @@ HTTP handler for the server (never the engine thread).
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .engine import Finish, TokenEvent
+from .requests import Finish, TokenEvent
 from .streaming import TextStream
 from .tokenizer import Tokenizer
 

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from ..chat_format import ChatFormat
 from ..constraints import Grammar
-from ..engine import Finish, SamplingParams
+from ..requests import Finish, SamplingParams
 from ..outputs import Delta, RequestOutput
 from ..tokenizer import Tokenizer
 from .cors import Cors

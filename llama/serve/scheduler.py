@@ -14,7 +14,7 @@ import time
 from collections import deque
 from typing import Deque, Dict, List, Optional, Union
 
-from ..engine import Request, SamplingParams, TokenEvent
+from ..requests import Request, SamplingParams, TokenEvent
 from .schemas import ApiError
 from .steps import Plan
 

@@ -10,7 +10,8 @@ from typing import Callable, List, Optional
 import torch.distributed as dist
 
 from ..distributed import control_group
-from ..engine import Engine, Request, TokenEvent
+from ..engine import Engine
+from ..requests import Request, TokenEvent
 from ..lockstep import share_from_rank0
 
 
