@@ -4,8 +4,9 @@
 lengths, each written at its own cache row) and samples each one's first token; `step` feeds every
 running request its newest token at its own position and samples the next; `release` frees a slot
 at once. With a prefill chunk (the server's), a prompt longer than the chunk is prefilled a chunk
-per step instead, before that step's decode, so the running requests keep their pace. Requests come and go between steps, so the same engine runs Llama.generate's fixed batches
-and a server's continuous batching.
+per step instead, before that step's decode, so the running requests keep their pace. Requests
+come and go between steps, so the same engine runs Llama.generate's fixed batches and a server's
+continuous batching.
 
 The engine decides only what needs the model: slots, positions, stop tokens and budgets. What a
 request's events become (text, stop strings, results) is llama/outputs.py's job.
@@ -99,7 +100,7 @@ class Engine:
         prefix_reuse: a request whose prompt begins as what a cache row already holds (a freed
         row's last request, or a running one) starts from there (llama/prefixes.py); the rest of
         its prompt is prefilled by the next step. Not for prompts that ask for their logprobs, nor
-        under prefill="reference".
+        for requests with a seed, nor under prefill="reference".
 
         vocabulary: the tokenizer as the grammar library sees it (constraints.Vocabulary), needed
         by requests with a constraint."""
@@ -183,7 +184,10 @@ class Engine:
         running = {i: s.cached for i, s in enumerate(self._slots) if s is not None}
         placed = []
         for r, budget in zip(requests, budgets):
-            reusable = prefill == "together" and budget > 0 and not r.params.prompt_logprobs
+            # A seeded request is prefilled whole, so that sent again alone it samples the same: a
+            # reused prefix can change its logits in the last bits, and so a near-tie draw.
+            reusable = (prefill == "together" and budget > 0 and not r.params.prompt_logprobs
+                        and r.params.seed is None)
             slot, reused, source = self.prefixes.place(r.prompt, free, running, reusable)
             if source is not None:
                 self.model.copy_cache(source, slot, reused)
