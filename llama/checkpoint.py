@@ -39,11 +39,18 @@ SPLIT_DIM: Dict[str, Optional[int]] = {
     "output.weight": 0,
 }
 KV_KEYS = ("attention.wk.weight", "attention.wv.weight")
+# The model holds the column-parallel layers that read the same input as one layer: this rank's
+# rows of each checkpoint tensor, in this order (llama/model.py splits its product again).
+FUSED: Dict[str, Tuple[str, ...]] = {
+    "attention.wqkv.weight": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
+    "feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight"),
+}
+_FUSED_INTO = {part: fused for fused, parts in FUSED.items() for part in parts}
 IGNORED_KEYS = {"rope.freqs"}  # old checkpoints store RoPE tables; we compute them
 LAYER_KEY = re.compile(r"(layers\.\d+)\.")
 SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth$")
 _MADV_DONTNEED = 4
-WeightValue = Union[torch.Tensor, stored.QuantizedWeight]
+WeightValue = Union[torch.Tensor, stored.QuantizedWeight, stored.RowParts]
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
 
 
@@ -268,32 +275,59 @@ def _drop_file_pages(tensor: torch.Tensor) -> None:
     _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(length), _MADV_DONTNEED)
 
 
+def model_weights(keys: Iterable[str]) -> Iterator[Tuple[str, Tuple[str, ...]]]:
+    """The name of each weight the model holds, with the checkpoint tensors it is made of (FUSED),
+    in the order of `keys` (a fused weight where its first part is)."""
+    for key in keys:
+        suffix = _suffix(key)
+        prefix = key[:len(key) - len(suffix)]
+        fused = _FUSED_INTO.get(suffix)
+        if fused is None:
+            yield key, (key,)
+        elif suffix == FUSED[fused][0]:
+            yield prefix + fused, tuple(prefix + part for part in FUSED[fused])
+
+
 def iter_rank_weights(ckpt: ShardedCheckpoint, rank: int, world: int, embedding_split: str,
                       device: torch.device, dtype: torch.dtype) -> Iterator[Tuple[str, WeightValue]]:
-    """This rank's slice of every weight, converted straight into its final device and dtype, one
-    tensor at a time in the checkpoint's order (the embedding, norm and output first, then layer
-    by layer), so a caller can turn each layer into its final form before the next is read. A
-    weight stored quantized comes as a stored.QuantizedWeight (copied out of the file), except the
-    embedding, which is dequantized: a step reads one row of it."""
+    """This rank's slice of every weight the model holds (model_weights: a fused layer's slices of
+    its checkpoint tensors one under the other), converted straight into its final device and
+    dtype, one at a time in the checkpoint's order (the embedding, norm and output first, then
+    layer by layer), so a caller can turn each layer into its final form before the next is read.
+    A weight stored quantized comes as a stored.QuantizedWeight (copied out of the file), or as
+    stored.RowParts where a fused layer's parts are of different types, except the embedding,
+    which is dequantized: a step reads one row of it."""
 
-    def slice_of(key: str, source: str, keep_blocks: bool) -> WeightValue:
-        dim, start, end = rank_slice(key, ckpt.args, rank, world, embedding_split)
-        piece = ckpt.read(source, dim, start, end)
-        if isinstance(piece, stored.QuantizedWeight):
+    def piece(key: str, source: str):
+        return ckpt.read(source, *rank_slice(key, ckpt.args, rank, world, embedding_split))
+
+    def final(value, keep_blocks: bool) -> WeightValue:
+        if isinstance(value, stored.QuantizedWeight):
             if keep_blocks:
-                return piece.copy()
-            piece = piece.dequantize()
-        return torch.empty(piece.shape, dtype=dtype, device=device).copy_(piece)
+                return value.copy()
+            value = value.dequantize()
+        return torch.empty(value.shape, dtype=dtype, device=device).copy_(value)
 
-    for key in ckpt.shapes:
-        tensor = slice_of(key, key, keep_blocks=key != "tok_embeddings.weight")
+    def fused(sources: Tuple[str, ...]) -> WeightValue:
+        pieces = [piece(source, source) for source in sources]
+        if any(isinstance(p, stored.QuantizedWeight) for p in pieces):
+            return stored.join_rows([final(p, keep_blocks=True) for p in pieces])
+        out = torch.empty((sum(p.shape[0] for p in pieces), pieces[0].shape[1]), dtype=dtype, device=device)
+        for rows, p in zip(out.split([p.shape[0] for p in pieces]), pieces):
+            rows.copy_(p)  # straight into the fused tensor: no copy of the parts on the side
+        return out
+
+    for key, sources in model_weights(ckpt.shapes):
+        tensor = final(piece(key, key), keep_blocks=key != "tok_embeddings.weight") if len(sources) == 1 \
+            else fused(sources)
         yield key, tensor
         if ckpt.tied and key == "tok_embeddings.weight":
             # Tied output layer: with both split by vocab, this rank's embedding rows (its blocks, if stored so).
             stored_blocks = key in ckpt.types
             yield "output.weight", (tensor if embedding_split == "vocab" and not stored_blocks
-                                    else slice_of("output.weight", key, keep_blocks=True))
-        ckpt.release(key)
+                                    else final(piece("output.weight", key), keep_blocks=True))
+        for source in sources:
+            ckpt.release(source)
 
 
 def load_rank_weights(ckpt: ShardedCheckpoint, rank: int, world: int, embedding_split: str,
@@ -316,7 +350,7 @@ def assign_weights(model: nn.Module, weights: Iterable[Tuple[str, WeightValue]],
 
     def place_stored(module: nn.Module, weights: Dict[str, WeightValue]) -> None:
         """Weights kept as blocks go beside their layer (its `stored`) for `finish` to make products of."""
-        for key in [k for k, v in weights.items() if isinstance(v, stored.QuantizedWeight)]:
+        for key in [k for k, v in weights.items() if not isinstance(v, torch.Tensor)]:
             layer = module.get_submodule(key.rsplit(".", 1)[0])
             layer.weight = None
             layer.stored = weights.pop(key)

@@ -3,8 +3,8 @@
 
 - runs a one-row product on CPU under torch.compile as a multiply-and-sum, which the compiler
   turns into one bandwidth-bound loop (~3.5x faster than the BLAS call at batch 1 on our CPU);
-- multiplies through a quantized product (llama/quantize.py) once one has been given to it, one
-  for all the layers that read the same input when they were joined;
+- multiplies through a product module (quantized: llama/quantize.py; bf16: llama/bf16.py) once
+  replace_products has given it one in place of its weight;
 - talks to the other ranks with collectives torch.compile traces as they are (out-of-place
   functional ones where compiled or on an accelerator; see _functional).
 """
@@ -24,7 +24,6 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
-from . import stored
 
 # Up to this many rows (batch x new positions), a compiled CPU product is written as multiply-and-sum.
 # Beyond it the weights are reused across rows and the BLAS matrix product is faster.
@@ -101,24 +100,10 @@ class ColumnParallel(_Quantizable, ColumnParallelLinear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_module("product", None)
-        # Set by quantize_model on the first of several layers that read the same input (see
-        # column_products): one product holding all their rows.
-        self.register_module("joint", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._product(x)
         return all_gather_last_dim(y) if self.gather_output else y
-
-
-def column_products(x: torch.Tensor, *layers: ColumnParallel):
-    """This rank's outputs of column-parallel layers that read the same input (q, k and v; w1 and
-    w3). Once quantize_model has joined them, one kernel call gives them all: at batch 1 a
-    quantized product costs mostly its call, so one joined product takes about half the time of
-    its parts called one by one."""
-    joint = layers[0].joint
-    if joint is None:
-        return [layer(x) for layer in layers]
-    return joint(x).split([layer.output_size_per_partition for layer in layers], dim=-1)
 
 
 class RowParallel(_Quantizable, RowParallelLinear):
@@ -150,22 +135,9 @@ def _drop_weight(layer: nn.Module) -> None:
 
 def replace_products(model: nn.Module, make: Callable[[object, bool], Optional[nn.Module]]) -> None:
     """Gives every parallel linear layer the product `make(weight, is_output_layer)` in place of its
-    weight (a float tensor, or a stored.QuantizedWeight), layer by layer (or joined group by
-    joined group), so only one layer or group is held twice at once; where `make` returns None the
-    layer keeps its weight. Layers that read the same input (a module's SAME_INPUT: q, k and v; w1
-    and w3) get one product for all their rows, on the first of them (its `joint`; see
-    column_products), when their weights can be joined (floats, or blocks of one type). Layers
+    weight (a float tensor, a stored.QuantizedWeight, or a stored.RowParts), layer by layer, so only
+    one layer is held twice at once; where `make` returns None the layer keeps its weight. Layers
     already replaced, or not loaded yet (on the meta device), are left alone."""
-    for module in list(model.modules()):
-        layers = [getattr(module, name) for name in getattr(module, "SAME_INPUT", ())]
-        weights = [_weight(layer) for layer in layers]
-        if layers and all(w is not None for w in weights):
-            joined = stored.cat(weights, 0)
-            product = None if joined is None else make(joined, False)
-            if product is not None:
-                layers[0].joint = product
-                for layer in layers:
-                    _drop_weight(layer)
     for layer in model.modules():
         if isinstance(layer, (ColumnParallel, RowParallel)):
             weight = _weight(layer)

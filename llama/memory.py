@@ -2,8 +2,8 @@
 machine cannot hold it (instead of the kernel's OOM killer, hours into a download's first run).
 
 Peak of a rank = its weights as held (float in the model's dtype, or quantized) + what loading
-holds on top for a while (float: LOAD_OVERHEAD, the slice being copied and the joined q/k/v and
-w1/w3 groups; quantized: one block's float weights, as each block is quantized when read) + the
+holds on top for a while (float: LOAD_OVERHEAD, the file pages of the slice being copied;
+quantized: one block's float weights, as each block is quantized when read) + the
 KV cache for max_batch_size x max_seq_len + RUNTIME_BYTES (PyTorch, the kernels, activations).
 """
 

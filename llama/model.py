@@ -1,6 +1,8 @@
 """The Llama transformer: RMSNorm, RoPE (with Llama 3.1 scaling), grouped-query attention with a
 static KV cache, SwiGLU. Large weights live in fairscale's model-parallel layers, so each rank
-holds its slice; which slice is decided in checkpoint.py.
+holds its slice; which slice is decided in checkpoint.py. The layers that read the same input are
+one layer each (q, k and v: wqkv; w1 and w3: w13), so a step makes one product of them; loading
+fills them from Meta's separate tensors.
 
 Every sequence in a batch carries its own position, so prompts of different lengths are prefilled
 together and then advance one token per step, each at its own place in the cache.
@@ -16,7 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .args import ModelArgs, cache_length
-from .layers import ColumnParallel, DimParallel, RowParallel, VocabParallel, column_products
+from .layers import ColumnParallel, DimParallel, RowParallel, VocabParallel
 from .rope import rope_frequencies
 
 
@@ -69,8 +71,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    SAME_INPUT = ("wq", "wk", "wv")  # layers reading the same input, which quantize_model joins
-
     def __init__(self, args: ModelArgs):
         super().__init__()
         world = get_model_parallel_world_size()
@@ -78,11 +78,10 @@ class Attention(nn.Module):
         self.n_local_heads = args.n_heads // world
         # With more ranks than KV heads, each rank keeps one (replicated) KV head.
         self.n_local_kv_heads = max(args.n_kv_heads // world, 1)
-        self.wq = ColumnParallel(args.dim, args.n_heads * self.head_dim, bias=False,
-                                 gather_output=False, init_method=_keep)
-        kv_features = self.n_local_kv_heads * world * self.head_dim
-        self.wk = ColumnParallel(args.dim, kv_features, bias=False, gather_output=False, init_method=_keep)
-        self.wv = ColumnParallel(args.dim, kv_features, bias=False, gather_output=False, init_method=_keep)
+        # This rank's rows of wq, then of wk, then of wv (Meta's three tensors, llama/checkpoint.py).
+        self.qkv_sizes = [n * self.head_dim for n in (self.n_local_heads, self.n_local_kv_heads, self.n_local_kv_heads)]
+        self.wqkv = ColumnParallel(args.dim, sum(self.qkv_sizes) * world, bias=False, gather_output=False,
+                                   init_method=_keep)
         self.wo = RowParallel(args.n_heads * self.head_dim, args.dim, bias=False,
                               input_is_parallel=True, init_method=_keep)
         # Buffers (not saved with the weights): a CUDA graph then treats the cache as a fixed input
@@ -103,7 +102,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q, k, v = column_products(x, self.wq, self.wk, self.wv)
+        q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
         q = q.view(batch, seq, self.n_local_heads, self.head_dim)
         k = k.view(batch, seq, self.n_local_kv_heads, self.head_dim)
         v = v.view(batch, seq, self.n_local_kv_heads, self.head_dim)
@@ -155,16 +154,14 @@ def attend_groups_folded(q: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
 
 class FeedForward(nn.Module):
-    SAME_INPUT = ("w1", "w3")
-
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = ColumnParallel(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
+        # This rank's rows of w1 (the gate), then of w3.
+        self.w13 = ColumnParallel(dim, 2 * hidden_dim, bias=False, gather_output=False, init_method=_keep)
         self.w2 = RowParallel(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep)
-        self.w3 = ColumnParallel(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = column_products(x, self.w1, self.w3)
+        gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 

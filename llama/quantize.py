@@ -30,7 +30,7 @@ from torch import nn
 from . import blocks, cpu_kernels
 from .args import ModelArgs
 from .layers import replace_products
-from .stored import QuantizedWeight, Record
+from .stored import QuantizedWeight, Record, RowParts
 
 QUANTIZE_CHOICES = (None, "int8", "int4")
 # Groups of 32 match GGUF's Q4_1 blocks and hold perplexity closest to fp32; on SmolLM2 and this CPU
@@ -330,9 +330,29 @@ def stored_blocks(weight: torch.Tensor, quantize: str, group: int) -> QuantizedW
     return QuantizedWeight(torch.cat([q4_1(part) for part in _row_slices(weight)]), "Q4_1")
 
 
+class ConcatProduct(nn.Module):
+    """The product of a fused layer (q/k/v, w1/w3) whose parts cannot be one product (stored as
+    blocks of different types, stored.RowParts): each part's product, outputs side by side."""
+
+    def __init__(self, parts: List[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.out_features = sum(part.out_features for part in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+def _float_product(weight: torch.Tensor) -> nn.Module:
+    """A float part of a fused layer stored quantized (a file may keep one matrix in F16)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
+
+
 def describe_stored(model: nn.Module) -> str:
     """How a checkpoint stored quantized runs, e.g. "stored quantized: 112 Q4_K as int4, 50 Q6_K
-    requantized to int8, our kernels (avx2)"."""
+    requantized to int8, our kernels (avx2)" (products counted: a fused layer of one type is one)."""
     origins = Counter(m.origin for m in model.modules() if isinstance(m, (Int4Product, Int8Product)))
     kinds = ", ".join(f"{count} {origin}" for origin, count in sorted(origins.items()))
     return f"stored quantized: {kinds}, {cpu_kernels.describe()}"
@@ -340,11 +360,14 @@ def describe_stored(model: nn.Module) -> str:
 
 def quantize_model(model: nn.Module, quantize: Optional[str], group: int = DEFAULT_GROUP) -> None:
     """Replaces every parallel linear layer's weight by its quantized product (replace_products:
-    one layer or joined group at a time, q/k/v and w1/w3 joined). A tied output layer gets its own
-    quantized copy; with int4, the output layer is int8 (see above). Weights stored quantized get
-    their stored_product whatever `quantize` says; with quantize None, float weights stay float."""
+    one layer at a time). A tied output layer gets its own quantized copy; with int4, the output
+    layer is int8 (see above). Weights stored quantized get their stored_product whatever
+    `quantize` says, a fused layer stored as parts of different types a ConcatProduct of them;
+    with quantize None, float weights stay float."""
 
     def product(weight, is_output: bool) -> Optional[nn.Module]:
+        if isinstance(weight, RowParts):
+            return ConcatProduct([product(part, False) or _float_product(part) for part in weight.parts])
         if isinstance(weight, QuantizedWeight):
             return stored_product(weight)
         if quantize is None:

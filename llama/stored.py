@@ -82,12 +82,43 @@ class QuantizedWeight:
         return blocks.dequantize(self.raw, self.qtype)
 
 
+def _kind(weight) -> Optional[str]:
+    """What weights can be concatenated with: None for floats, else the block type."""
+    return weight.qtype if isinstance(weight, QuantizedWeight) else None
+
+
 def cat(parts: List, dim: int):
     """torch.cat for tensors or for QuantizedWeights of one type; None when the types differ."""
-    if all(isinstance(p, torch.Tensor) for p in parts):
-        return torch.cat(parts, dim)
-    if not all(isinstance(p, QuantizedWeight) for p in parts) or len({p.qtype for p in parts}) != 1:
+    if len({_kind(p) for p in parts}) != 1:
         return None
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts, dim)
     raws = [p.raw for p in parts]
     return QuantizedWeight(torch.cat(raws, 0) if dim == 0 else blocks.join_columns(raws, parts[0].qtype),
                            parts[0].qtype)
+
+
+@dataclass
+class RowParts:
+    """A weight whose blocks of rows cannot be held as one: blocks of different types (a Q4_K_M
+    file keeps some v layers as Q6_K beside Q4_K q and k), or floats beside blocks. Its parts, top
+    to bottom, each a tensor or a QuantizedWeight, all with the same columns."""
+
+    parts: List
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((sum(p.shape[0] for p in self.parts), self.parts[0].shape[1]))
+
+
+def join_rows(parts: List):
+    """The parts' rows, top to bottom, as one weight: a tensor or a QuantizedWeight where they are
+    all of one kind (cat), else RowParts of the runs of consecutive parts that are."""
+    runs = [[parts[0]]]
+    for part in parts[1:]:
+        if _kind(part) == _kind(runs[-1][-1]):
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    joined = [run[0] if len(run) == 1 else cat(run, 0) for run in runs]
+    return joined[0] if len(joined) == 1 else RowParts(joined)

@@ -32,24 +32,12 @@ def parallel_linears(model):
 
 
 def quantized_products(model):
-    """Each parallel linear layer's quantized product and the rows of it that are the layer's own:
-    layers that read the same input (q, k, v; w1, w3) share one product, on the first of them."""
+    """Each parallel linear layer's quantized product, which has taken its float weight's place
+    (q/k/v one layer, w1/w3 one layer: one product each)."""
     products = {}
-    for module_name, module in model.named_modules():
-        names = getattr(module, "SAME_INPUT", ())
-        if names:
-            joint, start = getattr(module, names[0]).joint, 0
-            for name in names:
-                layer = getattr(module, name)
-                assert layer.weight is None and layer.product is None, name
-                rows = layer.output_size_per_partition
-                products[f"{module_name}.{name}"] = (joint, slice(start, start + rows))
-                start += rows
-            assert start == joint.out_features
     for name, layer in parallel_linears(model).items():
-        if name not in products:
-            assert layer.weight is None, name
-            products[name] = (layer.product, slice(None))
+        assert layer.weight is None and layer.product is not None, name
+        products[name] = layer.product
     return products
 
 
@@ -65,11 +53,11 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def test_int8_weights_are_within_half_a_step_of_fp32(tiny):
     originals, quantized = parallel_linears(tiny[None].model), quantized_products(tiny["int8"].model)
-    assert len(quantized) == 7 * tiny[None].model.params.n_layers + 1  # q k v o, w1 w2 w3, and the output
-    for name, (product, rows) in quantized.items():
+    assert len(quantized) == 4 * tiny[None].model.params.n_layers + 1  # qkv o, w13 w2, and the output
+    for name, product in quantized.items():
         weight = originals[name].weight
         assert isinstance(product, Int8Product), name
-        codes, scales = product.codes()[rows], product.row_scales()[rows]
+        codes, scales = product.codes(), product.row_scales()
         assert codes.dtype == torch.int8 and codes.shape == weight.shape, name
         # One scale per output row, spanning that row's largest magnitude with 127 steps (kept in bf16).
         step = weight.abs().amax(dim=1) / 127
@@ -86,7 +74,7 @@ def test_int4_weights_dequantize_to_the_q4_1_values_they_came_from(smollm2_ckpt)
     int4 = build(smollm2_ckpt, "int4", max_seq_len=8, max_batch_size=1)
     originals, quantized = parallel_linears(fp32.model), quantized_products(int4.model)
     checked = 0
-    for name, (product, rows) in quantized.items():
+    for name, product in quantized.items():
         if name == "output":  # int8 under int4 (and the file's is the embedding table, stored as Q8_0)
             assert isinstance(product, Int8Product)
             continue
@@ -97,10 +85,10 @@ def test_int4_weights_dequantize_to_the_q4_1_values_they_came_from(smollm2_ckpt)
         stored = ((8 * d + zero.abs()) * BF16_ROUNDING).repeat_interleave(32, dim=1)  # scale (x at most 8) and zero
         allowed = stored + (weight.abs() + stored) * BF16_ROUNDING  # then the kernel's bf16 output is rounded
         assert isinstance(product, Int4Product) and product.group == 32, name
-        error = (product.dequantized()[rows] - weight).abs()
+        error = (product.dequantized() - weight).abs()
         assert (error <= allowed).all(), f"{name}: {float((error - allowed).max())} beyond bf16 rounding"
         checked += 1
-    assert checked == 7 * fp32.model.params.n_layers  # all 210 Q4_1 tensors of the file
+    assert checked == 4 * fp32.model.params.n_layers  # all 210 Q4_1 tensors of the file, in 120 layers
 
 
 @pytest.mark.parametrize("quantize,bound", [("int8", 0.05), ("int4", 0.2)])

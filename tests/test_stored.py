@@ -16,7 +16,7 @@ from llama.blocks import int4_parts  # noqa: E402
 from llama.args import load_params  # noqa: E402
 from llama.convert import convert  # noqa: E402
 from llama.convert.gguf_reader import gguf_name  # noqa: E402
-from llama.quantize import Int4Product, Int8Product, check_stored  # noqa: E402
+from llama.quantize import ConcatProduct, Int4Product, Int8Product, check_stored  # noqa: E402
 
 from .conftest import smollm2_gguf  # noqa: E402
 from .convert_helpers import run_ranks  # noqa: E402
@@ -24,7 +24,8 @@ from .test_blocks import FP16_FIELDS  # noqa: E402
 from .test_convert_gguf import write_llama_gguf  # noqa: E402
 
 DIM, FFN, HEADS, KV_HEADS, VOCAB = 512, 1024, 8, 4, 258  # K-quant rows hold whole 256-weight blocks
-# A Q4_K_M-like mix, with every type somewhere; layer 1's q/k/v and w1/w3 share a type, so they join.
+# A Q4_K_M-like mix, with every type somewhere; layer 1's q/k/v and w1/w3 share a type, so they join;
+# layer 0's q and k join, its v and its w1/w3 run as parts of their fused layers.
 TYPES = {"token_embd": "Q6_K", "output": "Q8_0",
          "blk.0.attn_q": "Q4_K", "blk.0.attn_k": "Q4_K", "blk.0.attn_v": "Q6_K", "blk.0.attn_output": "Q5_0",
          "blk.0.ffn_gate": "Q4_K", "blk.0.ffn_up": "Q5_K", "blk.0.ffn_down": "Q6_K",
@@ -102,22 +103,37 @@ def _build(ckpt, capsys=None, **options):
                        device="cpu", dtype="fp32", **options)
 
 
+FUSED = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
+         "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3")}
+
+
 def _layer_products(model):
-    """Each linear layer's product and its rows in it (q/k/v, w1/w3 may share one joint product)."""
-    out = {}
-    for name, module in model.named_modules():
-        names = getattr(module, "SAME_INPUT", ())
-        joint, start = (getattr(module, names[0]).joint, 0) if names else (None, 0)
-        for layer_name in names:
-            layer = getattr(module, layer_name)
-            rows = layer.output_size_per_partition
-            out[f"{name}.{layer_name}.weight"] = (joint, slice(start, start + rows)) if joint else (layer.product, slice(None))
-            start += rows
-    out["output.weight"] = (model.output.product, slice(None))
-    for name, module in model.named_modules():
-        if name.endswith(("attention.wo", "feed_forward.w2")):
-            out[f"{name}.weight"] = (module.product, slice(None))
+    """Each checkpoint tensor's product on one rank and its rows in that product: q/k/v (w1/w3) are
+    one fused layer, whose product is one where their blocks are of one type, else a ConcatProduct
+    of the runs of parts of one type."""
+    def whole(product):
+        return product, slice(0, product.out_features)
+
+    out = {"output.weight": whole(model.output.product)}
+    for i, block in enumerate(model.layers):
+        for name in ("attention.wo", "feed_forward.w2"):
+            out[f"layers.{i}.{name}.weight"] = whole(block.get_submodule(name).product)
+        for fused, names in FUSED.items():
+            product = block.get_submodule(fused).product
+            parts = list(product.parts) if isinstance(product, ConcatProduct) else [product]
+            sizes = [reference_rows(f"layers.{i}.{name}.weight") for name in names]
+            start, offset = 0, 0  # this tensor's first row in the layer, and the current part's
+            for name, rows in zip(names, sizes):
+                while start >= offset + parts[0].out_features:
+                    offset += parts.pop(0).out_features
+                assert start + rows <= offset + parts[0].out_features, f"layers.{i}.{name}: across two parts"
+                out[f"layers.{i}.{name}.weight"] = (parts[0], slice(start - offset, start - offset + rows))
+                start += rows
     return out
+
+
+def reference_rows(key: str) -> int:
+    return _shapes()[key][0]
 
 
 def _weights_of(product) -> torch.Tensor:
@@ -133,10 +149,15 @@ def test_stored_blocks_run_as_the_weights_gguf_decodes(kquant_gguf, kquant_ckpt,
     assert "stored quantized:" in loaded and "Q4_K as int4" in loaded and "Q6_K requantized to int8" in loaded
     model = llama.model
     assert torch.equal(model.tok_embeddings.weight, reference_weight(blocks, "tok_embeddings.weight"))
-    joined = [name for name, (product, rows) in _layer_products(model).items() if rows != slice(None)]
-    assert sorted(joined) == sorted(f"layers.1.{k}" for k in ("attention.wq.weight", "attention.wk.weight",
+    products = _layer_products(model)
+    joined = [name for name, (product, rows) in products.items() if rows.stop - rows.start != product.out_features]
+    # Layer 1's q/k/v and w1/w3 are one product each; layer 0's q and k (both Q4_K) beside its v (Q6_K).
+    assert sorted(joined) == sorted([f"layers.1.{k}" for k in ("attention.wq.weight", "attention.wk.weight",
                                                                "attention.wv.weight", "feed_forward.w1.weight",
-                                                               "feed_forward.w3.weight"))
+                                                               "feed_forward.w3.weight")] +
+                                    ["layers.0.attention.wq.weight", "layers.0.attention.wk.weight"])
+    assert [type(p) for p in model.layers[0].attention.wqkv.product.parts] == [Int4Product, Int8Product]
+    assert [type(p) for p in model.layers[0].feed_forward.w13.product.parts] == [Int4Product, Int8Product]
     x = torch.randn(3, FFN, dtype=torch.float64)
     for key, (product, rows) in _layer_products(model).items():
         want = reference_weight(blocks, key)
