@@ -1,7 +1,8 @@
 """Meta's consolidated checkpoint format: which tensor is split along which dim, reading shards
 safely, and re-slicing k shards on disk into N ranks (llama/saving.py writes them).
 
-The sharding table below is the single source of truth for every split and merge.
+The sharding table below is the single source of truth for every split and merge; FUSED names
+the tensors the model holds as one layer (q/k/v, w1/w3), each rank's slices one under the other.
 """
 
 import ctypes
@@ -295,8 +296,8 @@ def iter_rank_weights(ckpt: ShardedCheckpoint, rank: int, world: int, embedding_
     dtype, one at a time in the checkpoint's order (the embedding, norm and output first, then
     layer by layer), so a caller can turn each layer into its final form before the next is read.
     A weight stored quantized comes as a stored.QuantizedWeight (copied out of the file), or as
-    stored.RowParts where a fused layer's parts are of different types, except the embedding,
-    which is dequantized: a step reads one row of it."""
+    stored.RowParts where a fused layer's parts are of different types (or floats beside blocks),
+    except the embedding, which is dequantized: a step reads one row of it."""
 
     def piece(key: str, source: str):
         return ckpt.read(source, *rank_slice(key, ckpt.args, rank, world, embedding_split))
@@ -318,8 +319,10 @@ def iter_rank_weights(ckpt: ShardedCheckpoint, rank: int, world: int, embedding_
         return out
 
     for key, sources in model_weights(ckpt.shapes):
-        tensor = final(piece(key, key), keep_blocks=key != "tok_embeddings.weight") if len(sources) == 1 \
-            else fused(sources)
+        if len(sources) > 1:
+            tensor = fused(sources)
+        else:
+            tensor = final(piece(key, key), keep_blocks=key != "tok_embeddings.weight")
         yield key, tensor
         if ckpt.tied and key == "tok_embeddings.weight":
             # Tied output layer: with both split by vocab, this rank's embedding rows (its blocks, if stored so).

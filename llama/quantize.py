@@ -358,20 +358,24 @@ def describe_stored(model: nn.Module) -> str:
     return f"stored quantized: {kinds}, {cpu_kernels.describe()}"
 
 
+def make_product(weight, quantize: Optional[str], group: int = DEFAULT_GROUP,
+                 is_output: bool = False) -> Optional[nn.Module]:
+    """The product quantize_model gives a layer holding `weight` (see there); None: stay float."""
+    if isinstance(weight, RowParts):
+        products = [make_product(part, quantize, group) for part in weight.parts]
+        return ConcatProduct([_float_product(part) if product is None else product
+                              for part, product in zip(weight.parts, products)])
+    if isinstance(weight, QuantizedWeight):
+        return stored_product(weight)
+    if quantize is None:
+        return None
+    return Int8Product(weight) if quantize == "int8" or is_output else Int4Product(weight, group)
+
+
 def quantize_model(model: nn.Module, quantize: Optional[str], group: int = DEFAULT_GROUP) -> None:
     """Replaces every parallel linear layer's weight by its quantized product (replace_products:
     one layer at a time). A tied output layer gets its own quantized copy; with int4, the output
     layer is int8 (see above). Weights stored quantized get their stored_product whatever
     `quantize` says, a fused layer stored as parts of different types a ConcatProduct of them;
     with quantize None, float weights stay float."""
-
-    def product(weight, is_output: bool) -> Optional[nn.Module]:
-        if isinstance(weight, RowParts):
-            return ConcatProduct([product(part, False) or _float_product(part) for part in weight.parts])
-        if isinstance(weight, QuantizedWeight):
-            return stored_product(weight)
-        if quantize is None:
-            return None
-        return Int8Product(weight) if quantize == "int8" or is_output else Int4Product(weight, group)
-
-    replace_products(model, product)
+    replace_products(model, lambda weight, is_output: make_product(weight, quantize, group, is_output))

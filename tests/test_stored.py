@@ -16,7 +16,7 @@ from llama.blocks import int4_parts  # noqa: E402
 from llama.args import load_params  # noqa: E402
 from llama.convert import convert  # noqa: E402
 from llama.convert.gguf_reader import gguf_name  # noqa: E402
-from llama.quantize import ConcatProduct, Int4Product, Int8Product, check_stored  # noqa: E402
+from llama.quantize import ConcatProduct, Int4Product, Int8Product, check_stored, make_product  # noqa: E402
 
 from .conftest import smollm2_gguf  # noqa: E402
 from .convert_helpers import run_ranks  # noqa: E402
@@ -201,6 +201,23 @@ def test_stored_blocks_give_the_same_logits_on_two_ranks(kquant_ckpt, tmp_path):
     # scales per row of each rank's slice, and the 129-row output slices run on PyTorch's kernel.
     # A block cut in the wrong place would be off by the size of the logits.
     assert ((two - one).norm() / one.norm()) < 0.03
+
+
+def test_a_fused_layer_of_blocks_and_floats_runs_each_part_side_by_side():
+    """A file may keep one of q/k/v as floats (F16) beside blocks: the fused layer's product runs
+    the blocks' product and the floats' and puts their outputs side by side, in the parts' order."""
+    q4 = random_blocks("Q4_0", 32, 64, seed=7)
+    floats = torch.randn(16, 64) / 8
+    weight = stored.join_rows([stored.QuantizedWeight(torch.from_numpy(q4), "Q4_0"), floats])
+    assert isinstance(weight, stored.RowParts) and weight.shape == (48, 64)
+    product = make_product(weight, quantize=None)
+    assert isinstance(product, ConcatProduct) and product.out_features == 48
+    want = torch.cat([torch.from_numpy(gguf_dequantize(q4, Q.Q4_0)).float(), floats])
+    x = torch.randn(3, 64)
+    exact = x.double() @ want.double().t()
+    got = product(x).double()
+    assert torch.equal(got[:, 32:], (x @ floats.t()).double())  # the float part as it is
+    assert (got - exact).norm() / exact.norm() < 0.02  # int4 rounds activations to int8 by groups of 32
 
 
 def test_a_stored_checkpoint_refuses_what_it_cannot_do(kquant_ckpt):
