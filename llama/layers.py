@@ -24,7 +24,6 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
-
 # Up to this many rows (batch x new positions), a compiled CPU product is written as multiply-and-sum.
 # Beyond it the weights are reused across rows and the BLAS matrix product is faster.
 GEMV_MAX_ROWS = 4

@@ -79,7 +79,8 @@ class Attention(nn.Module):
         # With more ranks than KV heads, each rank keeps one (replicated) KV head.
         self.n_local_kv_heads = max(args.n_kv_heads // world, 1)
         # This rank's rows of wq, then of wk, then of wv (Meta's three tensors, llama/checkpoint.py).
-        self.qkv_sizes = [n * self.head_dim for n in (self.n_local_heads, self.n_local_kv_heads, self.n_local_kv_heads)]
+        local_heads = (self.n_local_heads, self.n_local_kv_heads, self.n_local_kv_heads)
+        self.qkv_sizes = [n * self.head_dim for n in local_heads]
         self.wqkv = ColumnParallel(args.dim, sum(self.qkv_sizes) * world, bias=False, gather_output=False,
                                    init_method=_keep)
         self.wo = RowParallel(args.n_heads * self.head_dim, args.dim, bias=False,
