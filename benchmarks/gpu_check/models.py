@@ -11,7 +11,7 @@ from typing import List
 import torch
 
 from llama.args import ModelArgs, rope_scaling_factor
-from llama.checkpoint import assign_weights, expected_shapes
+from llama.checkpoint import assign_weights, expected_shapes, model_weights
 from llama.distributed import init_model_parallel
 from llama.model import Transformer, skeleton
 from llama.random_model import random_weights
@@ -70,7 +70,9 @@ def random_model(params: dict, device: torch.device, dtype: torch.dtype, max_bat
 
     with skeleton():
         model = Transformer(args, "vocab")
-    assign_weights(model, ((key, weight(key, shape)) for key, shape in expected_shapes(args).items()))
+    shapes = expected_shapes(args)  # Meta's tensors; a fused layer's parts are stacked by rows
+    assign_weights(model, ((name, torch.cat([weight(part, shapes[part]) for part in parts]))
+                           for name, parts in model_weights(shapes)))
     model.setup_caches(args.max_batch_size, args.max_seq_len)
     return model.eval()
 
