@@ -192,6 +192,7 @@ class Engine:
             if source is not None:
                 self.model.copy_cache(source, slot, reused)
             free.remove(slot)
+            running[slot] = list(r.prompt[:reused])  # in use from now on
             placed.append((slot, reused))
         return placed
 

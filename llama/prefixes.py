@@ -5,9 +5,12 @@ cache's rows are the memory it has, so nothing more is allocated.
 
 A free row keeps what its last request left in it (prompt and fed output) until a new request
 needs the row. A new request goes on in the free row whose whole contents its prompt begins with
-(the earlier turns of its chat), if there is one; otherwise it takes an empty row, or else the
-least recently freed one (evicting what that held), and the longest prefix its prompt shares
-with any row, free or running, is copied there first.
+(the earlier turns of its chat), if there is one; otherwise it takes a free row inside the running
+batch (the least recently freed of them), or else the lowest free row, evicting what that held,
+and the longest prefix its prompt shares with any row, free or running, is copied there first.
+Rows are chosen low so that the decode step stays narrow: it runs every row up to the last one
+in use, so a request alone in row 7 would cost eight rows a step (and change its logits' last
+bits from a run in row 0).
 """
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -39,11 +42,13 @@ class PrefixCache:
     def place(self, prompt: Sequence[int], free: Sequence[int], running: Dict[int, List[int]],
               reuse: bool = True) -> Tuple[int, int, Optional[int]]:
         """Chooses a row among `free` for the prompt. running: the tokens in the rows that hold
-        requests. Returns (row, reused: how many first prompt tokens are already there, source:
-        the row to copy them from first, or None). At least the last prompt token is left to
-        prefill, for the logits of the first new token. reuse=False: a row only (evicting)."""
+        requests (and those placed before it in the same admission). Returns (row, reused: how
+        many first prompt tokens are already there, source: the row to copy them from first, or
+        None). At least the last prompt token is left to prefill, for the logits of the first new
+        token. reuse=False: a row only (evicting what it held)."""
         limit = len(prompt) - 1
-        row = self._target(prompt[:limit], free) if reuse else min(free, key=self._eviction_order)
+        width = max(running, default=-1) + 1  # the rows the decode step runs now
+        row = self._target(prompt[:limit] if reuse else (), free, width)
         best, source = 0, None
         if reuse:
             held = [(r, self._held[r]) for r in [row] + [r for r in free if r != row] if self._held[r]]
@@ -56,14 +61,15 @@ class PrefixCache:
         self.reused_tokens += best
         return row, best, None if source == row else source
 
-    def _target(self, prefix: Sequence[int], free: Sequence[int]) -> int:
+    def _target(self, prefix: Sequence[int], free: Sequence[int], width: int) -> int:
         """The free row whose whole contents the prompt goes on from (the earlier turns of its
-        chat: nothing is lost by writing there), the longest such; else the next to evict."""
+        chat: nothing is lost by writing there), the longest such; else a free row inside the
+        decode step's width, empty or least recently freed first; else the lowest free row."""
         extended = [r for r in free if self._held[r] and len(self._held[r]) <= len(prefix)
                     and shared_length(self._held[r], prefix) == len(self._held[r])]
         if extended:
             return max(extended, key=lambda r: len(self._held[r]))
-        return min(free, key=self._eviction_order)
-
-    def _eviction_order(self, row: int) -> tuple:
-        return self._held[row] is not None, self._freed_at[row]  # empty rows first, then the oldest
+        inside = [r for r in free if r < width]
+        if inside:
+            return min(inside, key=lambda r: (self._held[r] is not None, self._freed_at[r]))
+        return min(free)

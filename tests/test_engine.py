@@ -142,18 +142,29 @@ def test_prefix_reuse_gives_the_tokens_of_a_whole_prefill(llama, prompts, alone)
     assert outputs["b"][0] == want[0] and outputs["b"][1] == pytest.approx(want[1], abs=1e-4)
 
 
-def test_prefix_reuse_evicts_the_least_recently_freed_row(llama, prompts):
+def test_prefix_reuse_evicts_inside_the_batch_then_the_lowest_row(llama, prompts):
+    """A new request takes a free row inside the running batch, the least recently freed first;
+    with none, the lowest free row (a request alone decodes as one row)."""
     engine = Engine(llama.model, prefix_reuse=True)  # 4 rows
-    params = SamplingParams(temperature=0, max_new_tokens=2)
-    for n in (1, 2, 3, 4):  # each freed in turn: rows hold prompts 1, 2, 3, 4
-        run_all(engine, [Request(n, prompts[n], params)])
-    run_all(engine, [Request("new", prompts[6], params)])  # shares only BOS: evicts the oldest (prompt 1)
+    outputs = {}
+    lengths = {1: 1, 2: 2, 3: 3, 4: 20}  # row n - 1 frees after about n steps; prompt 4 runs on
+    collect(outputs, engine.admit([Request(n, prompts[n], SamplingParams(temperature=0, max_new_tokens=k))
+                                   for n, k in lengths.items()]))
+    while engine.free_slots < 3:
+        collect(outputs, engine.step())
+    short = SamplingParams(temperature=0, max_new_tokens=1)
+    collect(outputs, engine.admit([Request("new", prompts[6], short)]))  # evicts row 0 (prompt 1)
+    assert engine._slot_of["new"] == 0
     reused = engine.prefixes.reused_tokens
-    run_all(engine, [Request("again 2", prompts[2], params)])
-    assert engine.prefixes.reused_tokens - reused == len(prompts[2]) - 1  # kept
+    collect(outputs, engine.admit([Request("again 2", prompts[2], short)]))
+    assert engine.prefixes.reused_tokens - reused == len(prompts[2]) - 1  # kept in row 1
     reused = engine.prefixes.reused_tokens
-    run_all(engine, [Request("again 1", prompts[1], params)])
+    collect(outputs, engine.admit([Request("again 1", prompts[1], short)]))
     assert engine.prefixes.reused_tokens - reused == 1  # evicted: only BOS found, in another row
+    while engine.active:
+        collect(outputs, engine.step())
+    collect(outputs, engine.admit([Request("alone", prompts[5], short)]))
+    assert engine._slot_of["alone"] == 0
 
 
 def test_stop_tokens_end_a_request_without_output(llama, prompts, alone):
