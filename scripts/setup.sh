@@ -39,10 +39,24 @@ EXTRA=${1:-}
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip >/dev/null
 
+# Whether a package index answers at all, within 5 s. pip would retry an index it cannot reach
+# five times for every package it looks up there (over a minute in all), before the next source.
+index_answers() {
+  "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' "$1" >/dev/null 2>&1
+}
+
 # Install torch first, so that the project's plain `torch>=2.5` range is already satisfied.
 if ! "$PY" -c "import torch" 2>/dev/null; then
   installed=""
   while read -r args; do
+    case "$args" in
+      *--index-url*)
+        index=${args##*--index-url }
+        if ! index_answers "${index%% *}/"; then
+          echo "setup: ${index%% *} does not answer; trying the next source" >&2
+          continue
+        fi ;;
+    esac
     # shellcheck disable=SC2086  # each line is a list of arguments
     if "$PY" -m pip install -q $args; then installed=1; break; fi
     echo "setup: 'pip install $args' failed; trying the next source" >&2
