@@ -16,7 +16,8 @@ setup(
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["llama", "llama.*"]),
-    package_data={"llama": ["csrc/*.cpp", "csrc/*.h"]},  # our CPU kernels, built on first use (llama/cpu_kernels.py)
+    # our CPU kernels, built on first use (llama/cpu_kernels.py); the chat page served at / (llama/serve/page.py)
+    package_data={"llama": ["csrc/*.cpp", "csrc/*.h", "serve/static/*"]},
     python_requires=">=3.10",
     install_requires=requirements,
     extras_require={

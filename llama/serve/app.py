@@ -20,6 +20,7 @@ from ..tokenizer import Tokenizer
 from .cors import Cors
 from .formats import compile_response_format
 from .metrics import Metrics
+from .page import add_page
 from .scheduler import Job, Scheduler
 from .schemas import (ApiError, ChatCompletionRequest, CompletionRequest, message_text, parse_body)
 
@@ -53,6 +54,7 @@ def make_app(service: Service) -> web.Application:
     app.router.add_get("/metrics", routes.metrics)
     app.router.add_post("/v1/completions", routes.completions)
     app.router.add_post("/v1/chat/completions", routes.chat_completions)
+    add_page(app)  # GET /: the chat page (llama/serve/page.py)
     return app
 
 
