@@ -31,9 +31,10 @@ setup(
         # accelerate for its GGUF loading) is the reference the converter is checked against.
         # pexpect drives the interactive chat through a pseudo-terminal; the server is tested with
         # the official openai client (and httpx for requests the client would never send);
-        # jsonschema checks the structured outputs.
+        # jsonschema checks the structured outputs; selenium drives chromium, headless, to test the chat
+        # page (Debian's chromium and chromium-driver: scripts/install_browser.sh).
         "test": ["pytest>=7", "llama-models==0.3.0", *CONVERT, "transformers>=4.46", "accelerate>=0.26",
                  "pexpect>=4.8", *SERVE, "openai>=1.40", "httpx>=0.23",
-                 "jsonschema>=4"],
+                 "jsonschema>=4", "selenium>=4.11"],
     },
 )

