@@ -9,7 +9,8 @@ them where it can: as root, with apt-get). The real server runs a tiny random mo
   script runs. A random model will not write markup on demand, so for the reply the page's own
   stream reader and renderer are fed a stream the test writes: window.fetch is replaced, in the
   page, by one whose body the test sends chunk by chunk. The same fake stream shows Stop
-  aborting the request and New chat starting over.
+  aborting the request and New chat starting over. On the real server, Stop frees the request's
+  slot: the request ends there and never finishes.
 - The page's Content-Security-Policy allows no inline script.
 
 A screenshot of the answered chat is saved in tests/artifacts/ (or $LLAMA_TEST_ARTIFACTS)."""
@@ -78,8 +79,8 @@ def browser(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(llama31_sharp_ckpt):
     """The sharp model (tests/conftest.py): its greedy tokens do not flip on a last-bit change of
-    the logits, e.g. a prompt whose prefix comes from the KV cache."""
-    srv = Server(llama31_sharp_ckpt, 1, "--max_batch_size", "2", "--max_seq_len", "128", "--model_name", MODEL,
+    the logits, e.g. a prompt whose prefix comes from the KV cache. Room for a long reply, which Stop ends."""
+    srv = Server(llama31_sharp_ckpt, 1, "--max_batch_size", "2", "--max_seq_len", "2048", "--model_name", MODEL,
                  "--api_key", API_KEY)
     yield srv
     assert srv.stop() == 0, srv.output[-3000:]
@@ -309,3 +310,30 @@ def test_stop_keeps_what_was_shown_and_new_chat_starts_over(browser, server):
     assert browser.execute_script("return fake.bodies[4].messages") == [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "fifth"}]
     assert [m["text"] for m in messages(browser)] == ["fifth", ""]
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(server.url.removesuffix("/v1") + "/metrics").text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_stop_on_the_real_server_frees_the_slot(browser, server):
+    """The page's Stop closes the connection, and the server ends the request there: its slot is
+    free again and it never finishes (a finished request adds its tokens to the counter)."""
+    open_page(browser, server)
+    fill(browser, "temperature", "0")
+    fill(browser, "max-tokens", "1500")  # seconds of decoding: it still runs when Stop is pressed
+    generated = metric(server, "llama_generated_tokens_total")
+    fill(browser, "message", "Tell me a long story.")
+    click(browser, "send")
+    wait_until(browser, "return document.querySelector('#log .message.assistant').textContent.length > 0",
+               "show the start of the reply")
+    click(browser, "stop")
+    wait_until(browser, "return document.body.dataset.state === 'idle'", "stop")
+    assert messages(browser)[-1]["finish"] == "stopped"
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, WAIT, poll_frequency=0.1).until(
+        lambda _: metric(server, "llama_requests_running") == 0 and metric(server, "llama_free_slots") == 2,
+        f"the server did not free the stopped request's slot within {WAIT} s")
+    assert metric(server, "llama_generated_tokens_total") == generated  # it was ended, not finished
