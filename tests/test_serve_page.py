@@ -269,6 +269,7 @@ def test_stop_keeps_what_was_shown_and_new_chat_starts_over(browser, server):
     fill(browser, "system", "Be brief.")
     fill(browser, "temperature", "0.5")
     fill(browser, "max-tokens", "7")
+    fill(browser, "stop-at", "END\nThe end")  # two stop strings, one per line
     fake_stream(browser)
     start(browser, "first", requests=1)
     feed(browser, event("partial"))
@@ -284,7 +285,7 @@ def test_stop_keeps_what_was_shown_and_new_chat_starts_over(browser, server):
     assert browser.execute_script("return fake.bodies[1]") == {
         "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first"},
                      {"role": "assistant", "content": "partial"}, {"role": "user", "content": "second"}],
-        "stream": True, "temperature": 0.5, "max_tokens": 7}
+        "stream": True, "temperature": 0.5, "max_tokens": 7, "stop": ["END", "The end"]}
     feed(browser, event("done", "stop"), b"data: [DONE]\n\n")
     wait_until(browser, "return document.body.dataset.state === 'idle'", "finish the reply")
 

@@ -48,6 +48,8 @@ function requestBody() {
   if (temperature !== "") body.temperature = Number(temperature);
   const maxTokens = $("max-tokens").value.trim();
   if (maxTokens !== "") body.max_tokens = Number(maxTokens);
+  const stops = $("stop-at").value.split("\n").filter((line) => line !== "");
+  if (stops.length) body.stop = stops;
   return body;
 }
 
