@@ -233,7 +233,10 @@ def run_bursts(args, env) -> List[Dict]:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         rows = []
         for n in range(1, args.bursts + 1):
-            records, wall = asyncio.run(drive(url, model, requests, args.clients))
+            # Each burst's prompts open with its own number: no burst finds an earlier one's
+            # prompts in the prefix cache, so the bursts differ only in what the server has warmed.
+            prompts = [(f"({n}) {prompt}", max_tokens) for prompt, max_tokens in requests]
+            records, wall = asyncio.run(drive(url, model, prompts, args.clients))
             rows.append(summary(f"burst {n} ({args.clients} clients)", records, wall))
             print(table(rows[-1:]), flush=True)
     finally:
