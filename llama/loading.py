@@ -63,7 +63,8 @@ def load_model(ckpt_dir: Path, args: ModelArgs, tokenizer: Tokenizer, device: to
     elif bf16.usable(device, dtype):
         products = bf16.use_bf16_products
     weights = iter_rank_weights(checkpoint, where.rank, where.world_size, embedding_split, device, dtype)
-    assign_weights(model, weights, products)
+    with memory.big_allocations_returned():
+        assign_weights(model, weights, products)
     model.setup_caches(args.max_batch_size, args.max_seq_len)
     model.eval()
     if stored_mode:

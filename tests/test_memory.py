@@ -49,3 +49,44 @@ def test_the_estimate_of_a_quantized_model_is_what_it_holds(llama32_ckpts, quant
     need = memory.estimate(args, 1, 0, torch.float32, tied=True, embedding_split="vocab", quantize=quantize)
     held = sum(unique.values()) - caches
     assert abs(need.weights - held) < 0.05 * held
+
+
+
+WHERE_BLOCKS_COME_FROM = """
+import ctypes, json
+import torch
+from llama import memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                     "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+
+def from_mmap(floats):  # whether a block of this size is served by mmap (glibc's count of mmapped bytes)
+    before = libc.mallinfo2().hblkhd
+    block = torch.ones(floats)
+    return libc.mallinfo2().hblkhd - before >= block.nbytes
+
+torch.ones(1 << 19).sum()  # 2 MiB from mmap, freed: glibc's threshold rises to 2 MiB
+seen = {"before": from_mmap(1 << 17)}  # 512 KiB
+with memory.big_allocations_returned():
+    seen["loading"] = from_mmap(1 << 17)
+seen["after"] = from_mmap(1 << 18)  # 1 MiB
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.skipif(not memory.GLIBC, reason="big_allocations_returned acts on glibc only (this C library is not)")
+def test_blocks_freed_while_loading_go_back_to_the_system():
+    import json
+    import subprocess
+    import sys
+
+    # In a fresh process: mallopt's setting is for the whole process.
+    seen = json.loads(subprocess.run([sys.executable, "-c", WHERE_BLOCKS_COME_FROM], capture_output=True,
+                                     text=True, check=True).stdout)
+    # glibc's own rule before (a freed 2 MiB block raised its threshold: 512 KiB comes from its heap,
+    # where freed memory stays); while loading, from mmap (returned when freed); after, glibc's ceiling.
+    assert seen == {"before": False, "loading": True, "after": False}
