@@ -67,6 +67,20 @@ class Grammar:
         return Grammar(text, f"JSON schema {name!r}")
 
     @staticmethod
+    def lark(text: str, description: str) -> "Grammar":
+        """Output matching a grammar in llguidance's Lark syntax (which may hold JSON schemas as
+        `%json {...}`); raises GrammarError naming what the library cannot compile."""
+        llg = _llguidance()
+        try:
+            grammar = llg.LLMatcher.grammar_from_lark(text)
+        except ValueError as e:
+            raise GrammarError(str(e)) from None
+        error = llg.LLMatcher.validate_grammar(grammar)
+        if error:
+            raise GrammarError(error.strip())
+        return Grammar(grammar, description)
+
+    @staticmethod
     def json_object() -> "Grammar":
         """Any JSON object (OpenAI's response_format json_object)."""
         grammar = Grammar.json_schema({"type": "object"})
