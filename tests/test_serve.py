@@ -218,7 +218,7 @@ def test_bad_requests_get_4xx_and_change_nothing(server, client):
         "unknown role": {**chat, "messages": [{"role": "wizard", "content": "hi"}]},
         "an image": {**chat, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
-        "tools": {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]},
+        "a tool without its function": {**chat, "tools": [{"type": "function"}]},
         "top_logprobs without logprobs": {**chat, "top_logprobs": 2},
         "max_completion_tokens over the context": {**chat, "max_completion_tokens": 1000},
     }

@@ -1,6 +1,7 @@
 """The server on a real model, SmolLM2-135M-Instruct converted from its GGUF, against transformers
 running the same GGUF: greedy completions and chat replies (ChatML, the model's own template) over
-HTTP equal transformers' greedy continuations, asked one at a time and all at once."""
+HTTP equal transformers' greedy continuations, asked one at a time and all at once; structured
+output and tool calls (the generic ChatML form) validate."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +21,7 @@ DIALOGS = [
 
 @pytest.fixture(scope="module")
 def server(smollm2_ckpt):
-    srv = Server(smollm2_ckpt, 1, "--max_batch_size", "4", "--max_seq_len", "256", "--model_name", "smollm2",
+    srv = Server(smollm2_ckpt, 1, "--max_batch_size", "4", "--max_seq_len", "512", "--model_name", "smollm2",
                  tokenizer="tokenizer.json")
     yield srv
     assert srv.stop() == 0, srv.output[-3000:]
@@ -112,3 +113,37 @@ def test_structured_replies_validate_among_plain_ones(server, expected):
         assert reason == "stop", text
         jsonschema.validate(json.loads(text), schema)
     assert json.loads(replies[0][0])["city"] == "Paris"
+
+
+CAPITAL_TOOL = {"type": "function", "function": {
+    "name": "get_capital", "description": "The capital city of a country",
+    "parameters": {"type": "object", "properties": {"country": {"type": "string", "maxLength": 40}},
+                   "required": ["country"], "additionalProperties": False}}}
+
+
+def test_tool_calls_in_the_generic_form(server):
+    """A required call (the generic <tool_call> form: SmolLM2's template has no tool section)
+    parses and validates, streamed as OpenAI streams calls; its result in the history is accepted."""
+    import json
+
+    import jsonschema
+
+    client = server.client()
+    options = dict(model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
+                   tools=[CAPITAL_TOOL], tool_choice="required", parallel_tool_calls=False, max_tokens=60,
+                   temperature=0)
+    choice = client.chat.completions.create(**options).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_capital"
+    jsonschema.validate(json.loads(call.function.arguments), CAPITAL_TOOL["function"]["parameters"])
+    chunks = list(client.chat.completions.create(stream=True, **options))
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].id and deltas[0].function.name == "get_capital" and deltas[0].function.arguments == ""
+    assert "".join(d.function.arguments for d in deltas) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    history = options["messages"] + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                                     {"role": "tool", "tool_call_id": call.id, "content": "Paris"}]
+    follow = client.chat.completions.create(**{**options, "messages": history, "tool_choice": "none"}).choices[0]
+    assert follow.message.tool_calls is None and follow.finish_reason in ("stop", "length")
+    assert isinstance(follow.message.content, str) and follow.message.content

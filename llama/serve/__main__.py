@@ -26,6 +26,7 @@ from ..distributed import is_main_process
 from ..engine import Engine
 from ..generation import Llama
 from ..lockstep import DEFAULT_TIMEOUT
+from ..tool_calls import FORMATS, tool_format as tool_format_for
 from .cors import parse_origins
 from .server import ignore_signals_until_rank0_stops, serve
 from .steps import follow
@@ -51,6 +52,7 @@ def main(
     cors_origins: Optional[str] = None,
     prefill_chunk: int = 256,
     prefix_reuse: bool = True,
+    tool_format: str = "auto",
 ):
     """--host/--port: where to listen (127.0.0.1 unless told otherwise; --port 0 picks a free port).
     --max_batch_size: requests decoding together; --max_queue: requests that may wait for a slot
@@ -62,7 +64,9 @@ def main(
     default none (see llama/serve/cors.py). --prefill_chunk N: a prompt longer than N tokens is
     prefilled N tokens per step, between the running requests' steps, so they keep their pace
     (0: every prompt whole, at once). --noprefix_reuse: prefill every prompt whole, rather than
-    starting from what the KV cache already holds of it (llama/prefixes.py). --device, --dtype, --quantize, --seed, --timeout: as in
+    starting from what the KV cache already holds of it (llama/prefixes.py). --tool_format: how the
+    model writes tool calls: auto (Llama 3: json, Llama 3.1 / 3.3's JSON custom tools; ChatML:
+    generic), pythonic (Llama 3.2's [f(a=1)] calls), json or generic (llama/tool_calls.py). --device, --dtype, --quantize, --seed, --timeout: as in
     example_text_completion.py."""
     if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
         raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
@@ -70,6 +74,8 @@ def main(
         raise ValueError(f"port must be an integer in [0, 65535] (0: any free port), got {port!r}")
     if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 0:
         raise ValueError(f"prefill_chunk must be an integer >= 0 (0: prompts prefilled whole), got {prefill_chunk!r}")
+    if tool_format not in ("auto", *FORMATS):
+        raise ValueError(f"tool_format must be one of auto, {', '.join(FORMATS)}; got {tool_format!r}")
     origins = parse_origins(cors_origins)
     api_key = api_key if api_key is not None else os.environ.get("LLAMA_API_KEY")
     # fire turns flag values that look like numbers into numbers; names and keys are text
@@ -78,6 +84,7 @@ def main(
     llama = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                         max_batch_size=max_batch_size, seed=seed, device=device, dtype=dtype, timeout=timeout,
                         compile=compile_by_default(compile, long_running=True), quantize=quantize)
+    tools = tool_format_for(llama.formatter, tool_format)  # before compiling: a mismatch fails at once
     if llama.decode_step is not None:  # every batch width compiled now, not in the first bursts
         started = time.perf_counter()
         print("Compiling the decode step for every batch width (seconds with a warm compile cache, "
@@ -90,7 +97,7 @@ def main(
                     prefix_reuse=bool(prefix_reuse),
                     vocabulary=Vocabulary(llama.tokenizer, llama.model.params.vocab_size))
     if is_main_process():
-        serve(llama, engine, str(host), port, model_name, api_key, max_queue, origins)
+        serve(llama, engine, str(host), port, model_name, api_key, max_queue, origins, tools)
     else:
         ignore_signals_until_rank0_stops()
         follow(engine)

@@ -17,12 +17,14 @@ from ..constraints import Grammar
 from ..requests import Finish, SamplingParams
 from ..outputs import Delta, RequestOutput
 from ..tokenizer import Tokenizer
+from ..tool_calls import ToolFormat
 from .cors import Cors
 from .formats import compile_response_format
 from .metrics import Metrics
 from .page import add_page
 from .scheduler import Job, Scheduler
-from .schemas import (ApiError, ChatCompletionRequest, CompletionRequest, message_text, parse_body)
+from .schemas import ApiError, ChatCompletionRequest, CompletionRequest, parse_body
+from .tools import ToolCallReply, ToolPlan, chat_dialog, tool_plan, uses_tools
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # a larger request body is refused with 413
 
@@ -43,6 +45,7 @@ class Service:
     cors: Cors = Cors(())
     metrics: Optional[Metrics] = None
     open_responses: int = 0  # requests whose answer is not fully sent yet
+    tool_format: Optional[ToolFormat] = None  # how this model writes tool calls (None: it cannot)
 
 
 def make_app(service: Service) -> web.Application:
@@ -134,12 +137,13 @@ class _Routes:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = parse_body(await request.read(), ChatCompletionRequest)
         self._check_model(body.model)
-        prompt = self._chat_prompt(body)
+        prompt, plan = self._chat_prompt(body)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = self._params(body, prompt, max_tokens, body.logprobs, body.top_logprobs or 0, False,
-                              await compile_response_format(body.response_format))
+        constraint = await plan.compile() if plan is not None and plan.constrained else \
+            await compile_response_format(body.response_format)
+        params = self._params(body, prompt, max_tokens, body.logprobs, body.top_logprobs or 0, False, constraint)
         job = self.s.scheduler.submit(prompt, params)
-        reply = _ChatReply(self.s, body, job, body.logprobs)
+        reply = _ChatReply(self.s, body, job, body.logprobs, plan)
         return await _answer(request, job, reply, body.stream)
 
     def _check_model(self, name: Optional[str]) -> None:
@@ -155,19 +159,17 @@ class _Routes:
             raise ApiError(400, f"prompt token ids must lie in [0, {self.s.vocab_size})", param="prompt")
         return list(prompt)
 
-    def _chat_prompt(self, body: ChatCompletionRequest) -> List[int]:
-        dialog = []
-        for i, message in enumerate(body.messages):
-            role = "system" if message.role == "developer" else message.role
-            if role not in ("system", "user", "assistant"):
-                raise ApiError(400, f"messages.{i}.role: {message.role!r} is not supported; use system, user "
-                                    f"or assistant (tools are not supported)", param="messages")
-            dialog.append({"role": role, "content": message_text(message, i)})
+    def _chat_prompt(self, body: ChatCompletionRequest) -> Tuple[List[int], Optional[ToolPlan]]:
+        """The prompt, and what the request asks of tools (None when it has none and no tool history)."""
+        dialog = chat_dialog(body)
+        if uses_tools(body, dialog):
+            plan = tool_plan(body, self.s.tool_format)
+            return plan.prompt(dialog), plan
         refusal = self.s.formatter.refusal(dialog)
         if refusal is not None:
             raise ApiError(400, refusal, param="messages")
         try:
-            return self.s.formatter.encode_dialog_prompt(dialog)
+            return self.s.formatter.encode_dialog_prompt(dialog), None
         except ValueError as e:  # e.g. Llama 2's strict order of roles
             raise ApiError(400, str(e), param="messages") from None
 
@@ -346,12 +348,54 @@ class _CompletionReply(_Reply):
 class _ChatReply(_Reply):
     id_prefix, chunk_object = "chatcmpl", "chat.completion.chunk"
 
+    def __init__(self, service: Service, body, job: Job, want_logprobs: bool, plan: Optional[ToolPlan] = None):
+        super().__init__(service, body, job, want_logprobs)
+        # Reads the reply for tool calls when tools are offered (llama/serve/tools.py).
+        self.tools = ToolCallReply(plan) if plan is not None and plan.tools else None
+
     def whole(self) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(self.text)},
-                  "finish_reason": self.finish_reason,
+        message = {"role": "assistant", "content": "".join(self.text)}
+        finish_reason = self.finish_reason
+        if self.tools is not None:
+            self.tools.feed(message["content"])
+            self.tools.end()
+            message["content"] = self.tools.content
+            if self.tools.calls:
+                message["tool_calls"] = self.tools.calls
+                finish_reason = _with_calls(finish_reason)
+        choice = {"index": 0, "message": message, "finish_reason": finish_reason,
                   "logprobs": self._logprobs(self.output.tokens, self.output.logprobs, self.output.top_logprobs)
                   if self.want_logprobs else None}
         return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage()}
+
+    def chunks(self, update: Delta) -> List[dict]:
+        if self.tools is None:
+            return super().chunks(update)
+        content, calls = self.tools.feed(update.text)
+        if update.finish_reason is not None:
+            more, more_calls = self.tools.end()
+            content, calls = content + more, calls + more_calls
+        # OpenAI's shape: each tool-call delta in a chunk of its own, the finish_reason in the last.
+        deltas = ([{"content": content}] if content else []) + [{"tool_calls": [call]} for call in calls]
+        finish_reason = update.finish_reason
+        if finish_reason is not None:
+            deltas.append({})
+            if self.tools.calls:
+                finish_reason = _with_calls(finish_reason)
+        elif not deltas and update.tokens and self.want_logprobs:
+            deltas.append({})
+        logprobs = (self._logprobs(update.tokens, update.logprobs, update.top_logprobs)
+                    if self.want_logprobs and update.tokens else None)
+        chunks = []
+        for i, delta in enumerate(deltas):
+            last = i == len(deltas) - 1
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs if i == 0 else None,
+                      "finish_reason": finish_reason if last else None}
+            chunks.append({**self._head(self.chunk_object), "choices": [choice]})
+        options = self.body.stream_options
+        if update.finish_reason is not None and options is not None and options.include_usage:
+            chunks.append({**self._head(self.chunk_object), "choices": [], "usage": self.usage()})
+        return chunks
 
     def opening(self) -> List[dict]:
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
@@ -372,3 +416,8 @@ class _ChatReply(_Reply):
         tops = top_logprobs or [[] for _ in tokens]
         return {"content": [{**entry(t, lp), "top_logprobs": [entry(tt, tlp) for tt, tlp in top]}
                             for t, lp, top in zip(tokens, logprobs, tops)], "refusal": None}
+
+
+def _with_calls(finish_reason: Optional[str]) -> Optional[str]:
+    """OpenAI's finish_reason for a reply that ends in tool calls ("length" stays: they are cut short)."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason

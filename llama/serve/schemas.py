@@ -2,7 +2,7 @@
 
 Unknown fields are refused (as OpenAI does), so a misspelt parameter never passes silently. Fields
 of OpenAI's API that this server cannot honour are accepted only at their no-op value (n=1, no
-tools, penalties 0...) and refused with a clear 400 otherwise.
+penalties 0...) and refused with a clear 400 otherwise.
 """
 
 import json
@@ -82,10 +82,45 @@ class CompletionRequest(_Sampling):
     suffix: Optional[str] = None
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallItem(_Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: str
-    content: Union[str, List[Dict[str, object]]]
+    # None only where OpenAI allows it: an assistant message that makes tool calls
+    content: Union[None, str, List[Dict[str, object]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[List[ToolCallItem]] = None  # an assistant message's calls
+    tool_call_id: Optional[str] = None  # a tool message: the call it answers
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # as OpenAI requires
+    description: Optional[str] = None
+    parameters: Optional[Dict[str, object]] = None  # a JSON schema; absent: no arguments
+    strict: Optional[bool] = None  # the schema is enforced whenever a call is required (see the README)
+
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Sampling):
@@ -94,9 +129,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
-    tools: Optional[List[object]] = None
-    tool_choice: Optional[object] = None
-    parallel_tool_calls: Optional[bool] = None
+    tools: Optional[List[ToolDefinition]] = None
+    tool_choice: Union[None, Literal["none", "auto", "required"], NamedToolChoice] = None
+    parallel_tool_calls: Optional[bool] = None  # default: true, as at OpenAI
 
 
 def parse_body(raw: bytes, schema: type) -> BaseModel:
@@ -151,16 +186,15 @@ def _refuse_unsupported(r: _Sampling) -> None:
         if r.prompt in ("", [], [""], [[]]):
             raise ApiError(400, "the prompt is empty", param="prompt")
     if isinstance(r, ChatCompletionRequest):
-        if r.tools:
-            refuse("tools", "tool calling")
-        if r.tool_choice not in (None, "none"):
-            refuse("tool_choice", "tool calling")
         if r.top_logprobs and not r.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
 
 
 def message_text(message: ChatMessage, index: int) -> str:
-    """A chat message's content as text: a string, or a list of text parts (images are refused)."""
+    """A chat message's content as text: a string, or a list of text parts (images are refused);
+    None (an assistant's tool calls without text) is empty."""
+    if message.content is None:
+        return ""
     if isinstance(message.content, str):
         return message.content
     texts = []

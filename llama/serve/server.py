@@ -28,6 +28,7 @@ from .. import lockstep
 from ..engine import Engine
 from ..generation import Llama
 from ..streaming import invalid_utf8_errors
+from ..tool_calls import ToolFormat
 from .app import Service, make_app
 from .cors import Cors
 from .metrics import Metrics
@@ -40,19 +41,20 @@ RESPONSE_FLUSH = 2.0  # how long handlers get to send their last bytes once the 
 
 
 def serve(llama: Llama, engine: Engine, host: str, port: int, model_name: str, api_key: Optional[str],
-          max_queue: int, cors_origins: Sequence[str] = ()) -> None:
-    """Serves until stopped; raises the engine's error if it failed."""
-    asyncio.run(_serve(llama, engine, host, port, model_name, api_key, max_queue, cors_origins))
+          max_queue: int, cors_origins: Sequence[str] = (), tools: Optional[ToolFormat] = None) -> None:
+    """Serves until stopped; raises the engine's error if it failed. tools: how the model writes
+    tool calls (llama/tool_calls.py), None where it cannot."""
+    asyncio.run(_serve(llama, engine, host, port, model_name, api_key, max_queue, cors_origins, tools))
 
 
 async def _serve(llama: Llama, engine: Engine, host: str, port: int, model_name: str, api_key: Optional[str],
-                 max_queue: int, cors_origins: Sequence[str]) -> None:
+                 max_queue: int, cors_origins: Sequence[str], tools: Optional[ToolFormat]) -> None:
     loop = asyncio.get_running_loop()
     scheduler = Scheduler(engine.max_batch_size, max_queue, loop)
     service = Service(scheduler, llama.tokenizer, llama.formatter, model_name, llama.model.params.max_seq_len,
                       llama.model.params.vocab_size, invalid_utf8_errors(llama.tokenizer), api_key,
                       created=int(time.time()), fingerprint=fingerprint(llama, model_name), cors=Cors(cors_origins),
-                      metrics=Metrics(scheduler.sizes, prefix_tokens=_prefix_counts(engine)))
+                      metrics=Metrics(scheduler.sizes, prefix_tokens=_prefix_counts(engine)), tool_format=tools)
     runner = web.AppRunner(make_app(service), handler_cancellation=True, access_log=None,
                            shutdown_timeout=RESPONSE_FLUSH)
     await runner.setup()
