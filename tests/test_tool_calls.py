@@ -281,3 +281,45 @@ def test_pythonic_grammar_refuses_arguments_it_cannot_check(tokenizer):
     with pytest.raises(GrammarError, match="parameter 'x'"):
         PythonicTools(ChatFormat(tokenizer)).grammar([nested], False)
     JsonTools(ChatFormat(tokenizer)).grammar([nested], False)  # the JSON form holds any schema
+
+
+def reading(plan, pieces):
+    """What the server sends for a reply arriving in `pieces`: (content, tool-call deltas, the
+    reply's content and calls once whole)."""
+    from llama.serve.tools import ToolCallReply
+
+    reply, content, deltas = ToolCallReply(plan), "", []
+    for piece in pieces:
+        text, new = reply.feed(piece)
+        content, deltas = content + text, deltas + new
+    text, new = reply.end()
+    return content + text, deltas + new, reply.content, reply.calls
+
+
+def test_a_reply_is_read_into_openai_calls_as_it_streams(tokenizer):
+    """auto: text streams at once; a reply that begins as a call is held, then answered as calls
+    (or as the text it was); required: each call's id, type and name first, then fragments of its
+    arguments as they are written, joining to the whole arguments."""
+    from llama.serve.tools import ToolPlan
+
+    tools = JsonTools(ChatFormat(tokenizer))
+    auto, required = ToolPlan(tools, TOOLS, "auto", True), ToolPlan(tools, TOOLS, "required", True)
+    content, deltas, whole, calls = reading(auto, ["It is ", "sunny."])
+    assert (content, deltas, whole, calls) == ("It is sunny.", [], "It is sunny.", [])
+    call = '<|python_tag|>{"type": "function", "name": "count", "parameters": {"n": 3, "exact": true}}'
+    content, deltas, whole, calls = reading(auto, [call[:20], call[20:50], call[50:]])
+    assert content == "" and whole is None
+    assert [c["function"] for c in calls] == [{"name": "count", "arguments": '{"n": 3, "exact": true}'}]
+    assert deltas == [{"index": 0, "id": calls[0]["id"], "type": "function",
+                       "function": {"name": "count", "arguments": ""}},
+                      {"index": 0, "function": {"arguments": '{"n": 3, "exact": true}'}}]
+    assert reading(auto, ["{not a call", "}"])[:3] == ("{not a call}", [], "{not a call}")
+    written = '{"type":"function","name":"get_weather","parameters":{"city":"Rome","metric":"celsius"}}'
+    content, deltas, whole, calls = reading(required, list(written))  # one character at a time
+    assert content == "" and whole is None
+    assert deltas[0]["function"] == {"name": "get_weather", "arguments": ""} and len(deltas) > 10
+    assert "".join(d["function"]["arguments"] for d in deltas) == calls[0]["function"]["arguments"] == \
+        '{"city":"Rome","metric":"celsius"}'
+    # cut short by max_tokens: the call as far as it was written
+    _, deltas, _, calls = reading(required, [written[:written.index("Rome") + 2]])
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city":"Ro'}
