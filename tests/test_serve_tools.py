@@ -145,6 +145,9 @@ def test_bad_tool_requests_get_400(server, client):
         "arguments that are not a JSON object": ({**chat, "messages": ASK + [{"role": "assistant", "tool_calls": [
             {**call, "function": {"name": "f", "arguments": "[1]"}}]}]}, "arguments"),
         "a user message without content": ({**chat, "messages": [{"role": "user"}]}, "content"),
+        "a required call of a schema the grammar cannot use": ({**chat, "tool_choice": "required", "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {
+                "type": "object", "properties": {"a": {"type": "sting"}}}}}]}, "sting"),
     }
     if server.tool_format == "pythonic":
         nested = {"type": "function", "function": {"name": "f", "parameters": {
