@@ -198,10 +198,6 @@ def _json_schema(schema: dict) -> dict:
     return {**schema, "x-guidance": {"whitespace_flexible": False}} if isinstance(schema, dict) else schema
 
 
-def _lark_grammar(lark: str, description: str) -> Grammar:
-    return Grammar.lark(lark, description)
-
-
 # --- Llama 3.1 / 3.3: JSON custom tools ---
 
 _JSON_TOOLS_PROMPT = ("Answer the user's question by making use of the following functions if needed.\n"
@@ -341,7 +337,8 @@ def python_value(value) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(map(python_value, value)) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {python_value(v)}" for k, v in value.items()) + "}"
+        items = (f"{json.dumps(k, ensure_ascii=False)}: {python_value(v)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
     return repr(value)  # True, False, None, numbers
 
 
@@ -387,7 +384,7 @@ class PythonicTools(_Llama3Tools):
             calls.append(f"call_{i}")
         more = ' (", " call)*' if parallel else ""
         lark = "\n".join([f'start: "[" call{more} "]"', f"call: {' | '.join(calls)}", *rules])
-        return _lark_grammar(lark, "tool call")
+        return Grammar.lark(lark, "tool call")
 
 
 def _python_literal_rule(tool: str, name: str, schema) -> str:
@@ -488,7 +485,7 @@ class GenericTools(ToolFormat):
         more = ' ("\\n" call)*' if parallel else ""
         lark = "\n".join([f"start: call{more}", 'call: "<tool_call>\\n" body "\\n</tool_call>"',
                           f"body: %json {json.dumps(schema)}"])
-        return _lark_grammar(lark, "tool call")
+        return Grammar.lark(lark, "tool call")
 
     def calls_so_far(self, text):
         found = []
