@@ -152,6 +152,13 @@ def abort(message: str) -> None:
         os._exit(1)
 
 
+def report(reason: str) -> None:
+    """Tells the other ranks why this one is about to exit (when a watchdog runs), so that they
+    stop at once rather than when its heartbeat is missed."""
+    if _watchdog is not None and not _watchdog.stopped:
+        _watchdog.report(reason)
+
+
 def _looks_like_lost_peer(error: BaseException) -> bool:
     """A collective failed: more likely a peer's fault than this rank's."""
     if isinstance(error, dist.DistError):

@@ -1,12 +1,14 @@
 """Starting the real server (python -m llama.serve, or under torchrun) for the tests, and talking to it."""
 
+import os
 import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from .launch import FAULTY, REPO, assert_nothing_left, processes_tagged, tagged_env, torchrun
 
@@ -19,9 +21,12 @@ class Server:
     """One server on `ranks` CPU processes, listening on a free loopback port."""
 
     def __init__(self, ckpt: Path, ranks: int = 1, *extra: str, tokenizer: str = "tokenizer.model",
-                 compile: Optional[bool] = False, **env: str):
+                 compile: Optional[bool] = False, wait_ready: bool = True, session: bool = False, **env: str):
         """compile: False (--nocompile, the tests' default: compiling costs ~45 s a batch size on a
-        2-core machine), True (--compile) or None (no flag: the server's own default)."""
+        2-core machine), True (--compile) or None (no flag: the server's own default).
+        wait_ready: return once it says it is ready (else at once: see wait_for). session: start it
+        in a session and process group of its own, as a terminal would, so that signal(group=True)
+        reaches the launcher and every rank at once (a Ctrl-C)."""
         flag = {False: ["--nocompile"], True: ["--compile"], None: []}[compile]
         args = ["--ckpt_dir", str(ckpt), "--tokenizer_path", str(ckpt / tokenizer), "--device", "cpu",
                 "--dtype", "fp32", "--port", "0", *flag, *extra]
@@ -31,23 +36,43 @@ class Server:
         command = [sys.executable, *program, *args] if ranks == 1 else torchrun(*program, *args, ranks=ranks)
         self.env = tagged_env(**env)
         self.proc = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=session)
         self.lines: List[str] = []
-        self._ready = threading.Event()
+        self._new_line = threading.Condition()
+        self._ended = False  # the output ended: the process has exited
         self.url: Optional[str] = None
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(START) or self.url is None:
+        if wait_ready and (self.wait_for(READY, START) is None or self.url is None):
             self.kill()
             raise AssertionError(f"the server did not start:\n{self.output}")
 
     def _read(self) -> None:
         for line in self.proc.stdout:
-            self.lines.append(line)
             match = READY.search(line)
-            if match:
-                self.url = match.group(1)
-                self._ready.set()
-        self._ready.set()  # the output ended: the process has exited
+            with self._new_line:
+                if match:
+                    self.url = match.group(1)
+                self.lines.append(line)
+                self._new_line.notify_all()
+        with self._new_line:
+            self._ended = True
+            self._new_line.notify_all()
+
+    def wait_for(self, pattern: "re.Pattern", seconds: float) -> Optional[str]:
+        """The first output line matching `pattern`, waiting up to `seconds` for it; None if the
+        output ended or the time passed without one."""
+        deadline = time.monotonic() + seconds
+        with self._new_line:
+            seen = 0
+            while True:
+                for line in self.lines[seen:]:
+                    if pattern.search(line):
+                        return line
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if self._ended or left <= 0:
+                    return None
+                self._new_line.wait(left)
 
     @property
     def output(self) -> str:
@@ -65,6 +90,14 @@ class Server:
             return self.proc.wait(seconds)
         except subprocess.TimeoutExpired:
             return None
+
+    def signal(self, signum: int, group: bool = False) -> None:
+        """Sends a signal to the launcher (as `kill` does), or with group=True to its whole process
+        group (as a terminal's Ctrl-C does: the launcher and every rank; needs session=True)."""
+        if group:
+            os.killpg(self.proc.pid, signum)
+        else:
+            self.proc.send_signal(signum)
 
     def stop(self) -> Optional[int]:
         """SIGTERM; returns the exit code, or None if it had to be killed."""
@@ -84,3 +117,15 @@ class Server:
 
     def assert_nothing_left(self) -> None:
         assert_nothing_left(self.env)
+
+
+def tiny_checkpoints(root: Path) -> Dict[int, Path]:
+    """The tests' tiny random Llama 3.1 model (conftest's llama31_ckpts) as 1 and as 2 shards, for
+    the scripts in benchmarks/ that start servers outside pytest."""
+    from llama.random_model import write_random_checkpoint
+
+    from .conftest import LLAMA31_PARAMS
+    from .tokenizer_files import llama3_tokenizer_path
+
+    return {k: write_random_checkpoint(Path(root) / f"mp{k}", LLAMA31_PARAMS, llama3_tokenizer_path(), 128256, k)
+            for k in (1, 2)}

@@ -3,7 +3,8 @@ loop on a thread of its own, and how the two end together.
 
 - SIGTERM or Ctrl-C: stop listening; waiting requests fail (503) at once, running ones get
   SHUTDOWN_GRACE seconds to finish, then fail; rank 0 tells every rank to stop; all exit.
-  (A second signal ends the grace at once.)
+  (A second signal ends the grace at once, unless it comes within SAME_SIGNAL seconds of the
+  first: under torchrun one Ctrl-C reaches rank 0 twice, from the terminal and from the launcher.)
 - A rank fails (its collective breaks, or the watchdog in llama/lockstep.py gives up on it): every
   open request is answered with an error (503) and the process exits with an error; the others
   follow within the runner's bounded time. The port never stays open without an engine behind it.
@@ -18,7 +19,7 @@ import os
 import signal
 import threading
 import time
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,7 @@ from .steps import lead
 SHUTDOWN_GRACE = 5.0  # seconds running requests get to finish after SIGTERM / Ctrl-C
 ENGINE_EXIT_WAIT = 15.0  # then, how long the engine thread gets to share the stop with the other ranks
 RESPONSE_FLUSH = 2.0  # how long handlers get to send their last bytes once the engine has stopped
+SAME_SIGNAL = 2.0  # seconds within which a second signal is the first one again (see the docstring)
 
 
 def serve(llama: Llama, engine: Engine, host: str, port: int, model_name: str, api_key: Optional[str],
@@ -78,9 +80,14 @@ async def _serve(llama: Llama, engine: Engine, host: str, port: int, model_name:
     threading.Thread(target=run_engine, name="llama-engine", daemon=True).start()
 
     stop_requested = asyncio.Event()
+    signaled: List[float] = []  # when the signals that counted came
 
     def on_signal(signum: int) -> None:
-        print(f"{signal.Signals(signum).name}: stopping the server", flush=True)
+        if signaled and time.monotonic() - signaled[-1] < SAME_SIGNAL:
+            return  # the same Ctrl-C again, forwarded by the launcher
+        signaled.append(time.monotonic())
+        again = " at once (a second signal)" if len(signaled) > 1 else ""
+        print(f"{signal.Signals(signum).name}: stopping the server{again}", flush=True)
         scheduler.stop(SHUTDOWN_GRACE)
         stop_requested.set()
 
