@@ -213,7 +213,7 @@ class Mix:
 
 def soak(url: str, pids: Callable[[], List[int]], seconds: float, clients: int, seed: int, max_batch_size: int,
          max_seq_len: int, warmup: float, max_growth: float = 0.10, max_errors: int = 0,
-         log: Callable[[str], None] = print) -> dict:
+         log: Callable[[str], None] = lambda line: print(line, flush=True)) -> dict:
     """Runs the mix against the server at `url` (.../v1) and returns the report; its "violations"
     list is empty when the server held. pids() lists the server's processes now."""
     base = url.removesuffix("/v1")
