@@ -128,7 +128,7 @@ def streamed_bytes(model: torch.nn.Module) -> int:
     embedding = model.tok_embeddings.weight
     tensors = [t for name, t in model.named_parameters(remove_duplicate=False) if t is not embedding]
     tensors += [t for name, t in model.named_buffers() if ".product." in f".{name}"]
-    if model.output.weight is embedding:
+    if embedding is not None and model.output.weight is embedding:
         tensors.append(embedding)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())

@@ -147,12 +147,19 @@ def replace_products(model: nn.Module, make: Callable[[object, bool], Optional[n
 
 
 class VocabParallel(VocabParallelEmbedding):
-    """Holds rows [vocab_start_index, vocab_end_index) of the table; other ranks supply the rest."""
+    """Holds rows [vocab_start_index, vocab_end_index) of the table; other ranks supply the rest.
+    Its `table`, once quantize_model has given it one, reads those rows from a tied output layer's
+    product in place of the weight."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_module("table", None)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         local = tokens - self.vocab_start_index
         elsewhere = (local < 0) | (local >= self.num_embeddings_per_partition)
-        rows = F.embedding(local.masked_fill(elsewhere, 0), self.weight)
+        ids = local.masked_fill(elsewhere, 0)
+        rows = F.embedding(ids, self.weight) if self.table is None else self.table(ids)
         return all_reduce(rows.masked_fill(elsewhere.unsqueeze(-1), 0))
 
 

@@ -67,8 +67,9 @@ def load_model(ckpt_dir: Path, args: ModelArgs, tokenizer: Tokenizer, device: to
         assign_weights(model, weights, products)
     model.setup_caches(args.max_batch_size, args.max_seq_len)
     model.eval()
+    table = ["tied embedding read from the output's int8 rows"] if getattr(model.tok_embeddings, "table", None) else []
     if stored_mode:
-        return model, [describe_stored(model)]
+        return model, [describe_stored(model)] + table
     if quantize:
-        return model, [describe(quantize, quant_group)]
+        return model, [describe(quantize, quant_group)] + table
     return model, [str(dtype).replace("torch.", "")] + ([cpu_kernels.describe()] if bf16.usable(device, dtype) else [])

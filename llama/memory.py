@@ -47,13 +47,17 @@ def estimate(args: ModelArgs, world: int, rank: int, dtype: torch.dtype, tied: b
              quantize: Optional[str] = None, group: int = 32, stored_types: Optional[Dict[str, str]] = None) -> Estimate:
     """One rank's memory. Float weights: its slice in `dtype`, plus LOAD_OVERHEAD while loading.
     Quantized: the embedding (and norms) in `dtype`, the linear layers quantized as they are read
-    (int4's output layer in int8), plus one block's float weights, or the output layer's, at once.
+    (int4's output layer in int8), plus one block's float weights, or the output layer's, at once;
+    a tied embedding split by vocab reads the output layer's int8 rows instead.
     stored_types: the block type of each weight a checkpoint stores quantized (llama/stored.py),
     which loads as int4 (4-bit blocks) or int8 (the others), the blocks read beside it."""
     bytes_per = torch.empty((), dtype=dtype).element_size()
     stored_types = stored_types or {}
     held, block_float = 0, {}
     shapes = expected_shapes(args, tied=tied)
+    # A vocab-split table tied to an output layer quantized here reads its rows from that layer's
+    # int8 product (quantize.TableRows): no float copy of it is held once loaded.
+    table_in_output = tied and quantize and embedding_split == "vocab" and "tok_embeddings.weight" not in stored_types
     if tied and (quantize or stored_types):
         shapes["output.weight"] = shapes["tok_embeddings.weight"]  # its own quantized copy
         if "tok_embeddings.weight" in stored_types:
@@ -78,6 +82,8 @@ def estimate(args: ModelArgs, world: int, rank: int, dtype: torch.dtype, tied: b
         elif linear and quantize:
             held += _quantized_bytes(numel, rows, quantize == "int8" or key == "output.weight", group)
             block_float[block] = block_float.get(block, 0) + numel * bytes_per
+        elif key == "tok_embeddings.weight" and table_in_output:
+            block_float[key] = numel * bytes_per  # held until the output layer is quantized
         else:
             held += numel * bytes_per
             if qtype:  # a stored-quantized embedding is dequantized through fp32

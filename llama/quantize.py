@@ -29,7 +29,7 @@ from torch import nn
 
 from . import blocks, cpu_kernels
 from .args import ModelArgs
-from .layers import replace_products
+from .layers import VocabParallel, replace_products
 from .stored import QuantizedWeight, Record, RowParts
 
 QUANTIZE_CHOICES = (None, "int8", "int4")
@@ -197,6 +197,29 @@ class Int8Product(nn.Module):
 
     def row_scales(self) -> torch.Tensor:
         return self.scales.float()
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weights, in fp32: ids.shape + (in,)."""
+        if self.ours:  # row r is lane r % 16 of block r // 16
+            codes = self.weight[ids // ROWS_PER_BLOCK, :, ids % ROWS_PER_BLOCK]
+        else:
+            codes = self.weight[ids]
+        return codes.float() * self.row_scales()[ids].unsqueeze(-1)
+
+
+class TableRows(nn.Module):
+    """An embedding table read from a tied output layer's int8 product: each row as the output
+    layer multiplies by it (codes x the row's scale), in the model's dtype. The table's own float
+    copy is then dropped, as llama.cpp reads its quantized token_embd: a 1B model's bf16 table is
+    200 MB, its int8 rows 100 MB it holds anyway. Each value moves by at most half its row's int8 step."""
+
+    def __init__(self, product: Int8Product, dtype: torch.dtype):
+        super().__init__()
+        self.product = product
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.product.rows(ids).to(self.dtype)
 
 
 class Int4Product(nn.Module):
@@ -377,5 +400,17 @@ def quantize_model(model: nn.Module, quantize: Optional[str], group: int = DEFAU
     one layer at a time). A tied output layer gets its own quantized copy; with int4, the output
     layer is int8 (see above). Weights stored quantized get their stored_product whatever
     `quantize` says, a fused layer stored as parts of different types a ConcatProduct of them;
-    with quantize None, float weights stay float."""
+    with quantize None, float weights stay float. A vocab-split embedding tied to an output layer
+    quantized here then reads its rows from that product (TableRows)."""
+    embedding, output = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
+    tied = embedding is not None and _same_tensor(getattr(embedding, "weight", None), getattr(output, "weight", None))
     replace_products(model, lambda weight, is_output: make_product(weight, quantize, group, is_output))
+    if tied and isinstance(embedding, VocabParallel) and isinstance(output.product, Int8Product):
+        embedding.table = TableRows(output.product, embedding.weight.dtype)
+        embedding.weight = None
+
+
+def _same_tensor(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    """Whether a and b are one tensor's values (a tied output layer and its embedding)."""
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.device.type != "meta"
+            and a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr())

@@ -165,3 +165,17 @@ def test_quantized_perplexity_of_smollm2_stays_near_fp32(smollm2_ckpt):
     assert fp32 < 50  # the model reads the text well (about 30), so the comparison means something
     assert scores["int8"] <= 1.02 * fp32, f"int8 perplexity {scores['int8']:.3f} is over 2% above fp32's {fp32:.3f}"
     assert scores["int4"] <= 1.03 * fp32, f"int4 perplexity {scores['int4']:.3f} is over 3% above fp32's {fp32:.3f}"
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_a_tied_embedding_reads_the_output_layers_int8_rows(llama32_ckpts, quantize):
+    ckpt = llama32_ckpts[1]  # Llama 3.2: the output layer is the embedding table
+    float_table = build(ckpt).model.tok_embeddings.weight
+    model = build(ckpt, quantize).model
+    table = model.tok_embeddings.table
+    assert model.tok_embeddings.weight is None and table.product is model.output.product  # one copy held
+    ids = torch.arange(float_table.shape[0])
+    # Each row within half its int8 step of the float row (the step spans the row's largest magnitude).
+    step = float_table.abs().amax(dim=1, keepdim=True) / 127
+    assert ((model.tok_embeddings(ids) - float_table).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all()
+    assert table(ids).dtype == float_table.dtype
