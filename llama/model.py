@@ -83,6 +83,7 @@ class Attention(nn.Module):
         self.qkv_sizes = [n * self.head_dim for n in local_heads]
         self.wqkv = ColumnParallel(args.dim, sum(self.qkv_sizes) * world, bias=False, gather_output=False,
                                    init_method=_keep)
+        self.wqkv.parts = self.qkv_sizes
         self.wo = RowParallel(args.n_heads * self.head_dim, args.dim, bias=False,
                               input_is_parallel=True, init_method=_keep)
         # Buffers (not saved with the weights): a CUDA graph then treats the cache as a fixed input
@@ -159,6 +160,7 @@ class FeedForward(nn.Module):
         super().__init__()
         # This rank's rows of w1 (the gate), then of w3.
         self.w13 = ColumnParallel(dim, 2 * hidden_dim, bias=False, gather_output=False, init_method=_keep)
+        self.w13.parts = [self.w13.output_size_per_partition // 2] * 2
         self.w2 = RowParallel(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -157,9 +157,11 @@ def test_perplexity_refuses_a_bad_window(tiny, window):
 
 
 def test_quantized_perplexity_of_smollm2_stays_near_fp32(smollm2_ckpt):
-    # The benchmark's setting: the whole text (about 2300 tokens) in 5 windows, seconds per model.
+    # The benchmark's windows, over the text's first half (about 1150 tokens, 3 windows: the whole
+    # text is the benchmark's): fp32 28.0, int8 and int4 within 0.7% of it here.
     window = 512
-    scores = {q: perplexity(build(smollm2_ckpt, q, max_seq_len=window, max_batch_size=1), TEXT, window)
+    half = TEXT[:len(TEXT) // 2]
+    scores = {q: perplexity(build(smollm2_ckpt, q, max_seq_len=window, max_batch_size=1), half, window)
               for q in (None, "int8", "int4")}
     fp32 = scores[None]
     assert fp32 < 50  # the model reads the text well (about 30), so the comparison means something
