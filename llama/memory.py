@@ -121,10 +121,10 @@ def big_allocations_returned():
     part. A 1B int4 model then held 260 MB more than its tensors after loading, and peaked 190 MB
     higher. Afterwards glibc's own ceiling is set, so that later blocks under 32 MiB are served from
     its heap, as glibc's rising threshold would have had it by then. On other C libraries: nothing."""
-    if not GLIBC:
+    libc = _GLIBC
+    if libc is None:
         yield
         return
-    libc = _glibc()
     # A fixed threshold also stops glibc raising its trim threshold, so the heap's free top goes
     # back as it grows; trimmed first, the top cannot serve a large block either.
     libc.mallopt(M_MMAP_THRESHOLD, 256 << 10)
@@ -144,7 +144,8 @@ def _glibc():
         return None
 
 
-GLIBC = _glibc() is not None
+_GLIBC = _glibc()
+GLIBC = _GLIBC is not None  # whether big_allocations_returned acts here
 
 
 def _size(n: int) -> str:

@@ -291,13 +291,17 @@ class _Reply:
         return []
 
     def chunks(self, update: Delta) -> List[dict]:
-        chunks = []
-        if update.text or update.finish_reason is not None or update.tokens and self.want_logprobs or self._echo:
-            chunks.append({**self._head(self.chunk_object), "choices": [self._chunk_choice(update)]})
+        chunks = self._update_chunks(update)
         options = self.body.stream_options
         if update.finish_reason is not None and options is not None and options.include_usage:
             chunks.append({**self._head(self.chunk_object), "choices": [], "usage": self.usage()})
         return chunks
+
+    def _update_chunks(self, update: Delta) -> List[dict]:
+        """The chunks of one update, before the usage chunk that may follow the last."""
+        if update.text or update.finish_reason is not None or update.tokens and self.want_logprobs or self._echo:
+            return [{**self._head(self.chunk_object), "choices": [self._chunk_choice(update)]}]
+        return []
 
 
 class _CompletionReply(_Reply):
@@ -368,9 +372,9 @@ class _ChatReply(_Reply):
                   if self.want_logprobs else None}
         return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage()}
 
-    def chunks(self, update: Delta) -> List[dict]:
+    def _update_chunks(self, update: Delta) -> List[dict]:
         if self.tools is None:
-            return super().chunks(update)
+            return super()._update_chunks(update)
         content, calls = self.tools.feed(update.text)
         if update.finish_reason is not None:
             more, more_calls = self.tools.end()
@@ -392,9 +396,6 @@ class _ChatReply(_Reply):
             choice = {"index": 0, "delta": delta, "logprobs": logprobs if i == 0 else None,
                       "finish_reason": finish_reason if last else None}
             chunks.append({**self._head(self.chunk_object), "choices": [choice]})
-        options = self.body.stream_options
-        if update.finish_reason is not None and options is not None and options.include_usage:
-            chunks.append({**self._head(self.chunk_object), "choices": [], "usage": self.usage()})
         return chunks
 
     def opening(self) -> List[dict]:
