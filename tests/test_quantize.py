@@ -177,7 +177,11 @@ def test_a_tied_embedding_reads_the_output_layers_int8_rows(llama32_ckpts, quant
     table = model.tok_embeddings.table
     assert model.tok_embeddings.weight is None and table.product is model.output.product  # one copy held
     ids = torch.arange(float_table.shape[0])
-    # Each row within half its int8 step of the float row (the step spans the row's largest magnitude).
+    # Each row within half its int8 step of the float row (the step spans the row's largest magnitude);
+    # PyTorch's kernels (ARM, LLAMA_CPU_KERNELS=0) keep the scales in bf16, which moves a value by
+    # up to its bf16 rounding times the code more: the table reads the weights the output multiplies by.
     step = float_table.abs().amax(dim=1, keepdim=True) / 127
-    assert ((model.tok_embeddings(ids) - float_table).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all()
+    scale_rounding = 0 if table.product.ours else (float_table.abs() + step / 2) * BF16_ROUNDING
+    bound = step / 2 * (1 + 1e-5) + scale_rounding + 1e-7
+    assert ((model.tok_embeddings(ids) - float_table).abs() <= bound).all()
     assert table(ids).dtype == float_table.dtype
