@@ -241,6 +241,16 @@ class Int4Product(nn.Module):
         product._store(parts, group, rows, torch.device("cpu"))
         return product
 
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor) -> "Int4Product":
+        """Weights already in our kernel's layout (_pack_int4's, groups of SUBGROUP)."""
+        product = cls.__new__(cls)
+        nn.Module.__init__(product)
+        product.group, product.out_features, product.ours = SUBGROUP, packed.shape[0] * ROWS_PER_BLOCK, True
+        product.kernel = cpu_kernels.ops().int4_gemv
+        product.register_buffer("packed", packed)
+        return product
+
     def _store(self, parts: Callable[[], Iterable[Parts]], group: int, rows: int, device: torch.device) -> None:
         self.group = group
         self.out_features = rows
@@ -300,6 +310,29 @@ def _pack_int4(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, gr
     return torch.cat([code_bytes.reshape(blocks, subgroups, 256), by_block(scales), by_block(mins)], -1).contiguous()
 
 
+def _pack_q4_blocks(raw: torch.Tensor, qtype: str) -> Optional[torch.Tensor]:
+    """Q4_0 or Q4_1 blocks (rows, bytes) in our layout, or None where fp16 cannot hold a scale or min.
+    A block's 16 code bytes already pair input k (low nibble) with input 16 + k (high), as our
+    layout does, and its scale and min are fp16 as ours are: packing only moves bytes, with no pass
+    over the codes (a start-up from a stored int4 checkpoint is mostly this)."""
+    rows = raw.shape[0]
+    block_bytes = blocks.TYPES[qtype][1]
+    by_row = raw.reshape(rows // ROWS_PER_BLOCK, ROWS_PER_BLOCK, -1, block_bytes)  # b j g byte
+    code_bytes = by_row[..., -16:].unflatten(-1, (4, 4)).permute(0, 2, 3, 1, 4).flatten(2)  # b g (s j t)
+
+    def by_block(fp16_bytes: torch.Tensor) -> torch.Tensor:  # (b, j, g, 2) -> (b, g, 32)
+        return fp16_bytes.permute(0, 2, 1, 3).flatten(2)
+
+    scales = by_block(by_row[..., 0:2])
+    if qtype == "Q4_1":
+        mins = by_block(by_row[..., 2:4])
+    else:  # Q4_0's weights are d * (q - 8): its min is -8 d, exact in fp16 unless it overflows
+        mins = (scales.contiguous().view(torch.float16) * -8).view(torch.uint8)
+    if not torch.isfinite(torch.cat([scales, mins], -1).contiguous().view(torch.float16)).all():
+        return None
+    return torch.cat([code_bytes, scales, mins], -1)
+
+
 def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     blocks, subgroups, _ = packed.shape
     code_bytes = packed[..., :256].reshape(blocks, subgroups, 4, ROWS_PER_BLOCK, 4).permute(0, 3, 1, 2, 4)  # b j g s t
@@ -318,7 +351,12 @@ def stored_product(weight: QuantizedWeight) -> nn.Module:
     the origin says so), our I8_ROW rows our int8 as they are, other blocks (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0) are
     dequantized and requantized to int8 per row (the origin says so)."""
     qtype = weight.qtype
-    if qtype in blocks.INT4_TYPES:
+    packed = (_pack_q4_blocks(weight.raw, qtype) if qtype in ("Q4_0", "Q4_1") and _ours(weight.shape[0], weight.raw.device)
+              else None)
+    if packed is not None:
+        product = Int4Product.from_packed(packed)
+        product.origin = f"{qtype} as int4"
+    elif qtype in blocks.INT4_TYPES:
         rounded = []
 
         def parts():

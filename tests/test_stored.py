@@ -273,3 +273,16 @@ def test_quantize_once_stores_the_products_quantize_makes(smollm2_fp32_one_shard
     tokens = torch.tensor([[1, 504, 3458, 5925, 30, 6877]])
     logits = at_load.forward(tokens, 0), from_disk.forward(tokens, 0)
     assert torch.equal(*logits) if ours else torch.allclose(*logits, rtol=0.02, atol=0.1)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_q4_blocks_reach_our_layout_by_moving_bytes(qtype):
+    """The fast path a stored int4 checkpoint loads by gives the layout the codes would be packed
+    into, and where fp16 cannot hold Q4_0's min (-8 d) it leaves the block to the general path."""
+    from llama.quantize import ROWS_PER_BLOCK, _pack_int4, _pack_q4_blocks
+
+    raw = torch.from_numpy(random_blocks(qtype, 2 * ROWS_PER_BLOCK, 128, seed=7))
+    assert torch.equal(_pack_q4_blocks(raw, qtype), _pack_int4(*int4_parts(raw, qtype), group=32))
+    if qtype == "Q4_0":
+        raw.view(raw.shape[0], -1, 18)[3, 1, 0:2] = torch.tensor([10000.0]).half().view(torch.uint8)
+        assert _pack_q4_blocks(raw, qtype) is None
