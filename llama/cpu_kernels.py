@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
-from torch.utils import cpp_extension
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("ops.cpp", "quantized_gemv.cpp", "bf16_gemv.cpp", "decode_attention.cpp")]
@@ -94,6 +93,8 @@ def library_path(compiler: str, variant: Variant) -> Path:
 def _build(compiler: str, variant: Variant, output: Path) -> Optional[str]:
     """Compiles the sources side by side (one process each), then links them into `output`.
     Returns the compiler's complaint on failure."""
+    from torch.utils import cpp_extension  # only here: it imports setuptools, a third of a second at every start
+
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     objects = [output.with_name(source.stem + ".o") for source in SOURCES]
