@@ -14,6 +14,7 @@ page cache is dropped for the files before each load, so every load reads from d
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -69,6 +70,12 @@ def run_ours(spec: dict, args) -> dict:
     result["prefill"] = args.prefill_tokens / timed(lambda: generator.generate(long_prompt, max_gen_len=1,
                                                                                temperature=0))
     result["peak_rss"] = peak_rss()
+    if torch.distributed.is_initialized():  # under torchrun (--ranks): every rank's peaks, rank 0 reports
+        peaks = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(peaks, (result["peak_rss_after_load"], result["peak_rss"]))
+        result["peak_rss_after_load_by_rank"], result["peak_rss_by_rank"] = map(list, zip(*peaks))
+        result["peak_rss_after_load"], result["peak_rss"] = max(result["peak_rss_after_load_by_rank"]), \
+            max(result["peak_rss_by_rank"])
     return result
 
 
@@ -114,19 +121,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--prefill_tokens", type=int, default=512)
+    parser.add_argument("--ranks", type=int, default=1, help="run ours on this many ranks (torchrun; each rank "
+                        "--threads / ranks threads); peak memory is then the largest rank's, each rank's in the JSON")
     parser.add_argument("--json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.child)
         result = run_ours(spec, args) if spec["runner"] == "ours" else run_llamacpp(spec, args)
-        print("RESULT " + json.dumps(result))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("RESULT " + json.dumps(result))
         return
     specs = [parse_ours(e) for e in args.ours]
     specs += [{"runner": "llama.cpp", "label": e.split("=", 1)[0], "gguf": e.split("=", 1)[1]} for e in args.llamacpp]
     rows = []
     for spec in specs:
-        cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--threads", str(args.threads),
+        ranks = args.ranks if spec["runner"] == "ours" else 1
+        launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                       "--nproc_per_node", str(ranks)]
+        cmd = [*launch, __file__, "--child", json.dumps(spec), "--threads", str(max(1, args.threads // ranks)),
                "--new_tokens", str(args.new_tokens), "--prefill_tokens", str(args.prefill_tokens)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith(("RESULT ", "Loaded in"))]
