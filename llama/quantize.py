@@ -313,24 +313,10 @@ def _pack_int4(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, gr
 def _pack_q4_blocks(raw: torch.Tensor, qtype: str) -> Optional[torch.Tensor]:
     """Q4_0 or Q4_1 blocks (rows, bytes) in our layout, or None where fp16 cannot hold a scale or min.
     A block's 16 code bytes already pair input k (low nibble) with input 16 + k (high), as our
-    layout does, and its scale and min are fp16 as ours are: packing only moves bytes, with no pass
-    over the codes (a start-up from a stored int4 checkpoint is mostly this)."""
-    rows = raw.shape[0]
-    block_bytes = blocks.TYPES[qtype][1]
-    by_row = raw.reshape(rows // ROWS_PER_BLOCK, ROWS_PER_BLOCK, -1, block_bytes)  # b j g byte
-    code_bytes = by_row[..., -16:].unflatten(-1, (4, 4)).permute(0, 2, 3, 1, 4).flatten(2)  # b g (s j t)
-
-    def by_block(fp16_bytes: torch.Tensor) -> torch.Tensor:  # (b, j, g, 2) -> (b, g, 32)
-        return fp16_bytes.permute(0, 2, 1, 3).flatten(2)
-
-    scales = by_block(by_row[..., 0:2])
-    if qtype == "Q4_1":
-        mins = by_block(by_row[..., 2:4])
-    else:  # Q4_0's weights are d * (q - 8): its min is -8 d, exact in fp16 unless it overflows
-        mins = (scales.contiguous().view(torch.float16) * -8).view(torch.uint8)
-    if not torch.isfinite(torch.cat([scales, mins], -1).contiguous().view(torch.float16)).all():
-        return None
-    return torch.cat([code_bytes, scales, mins], -1)
+    layout does, and its scale and min are fp16 as ours are: packing only moves bytes (our kernel
+    op does it; a start-up from a stored int4 checkpoint is mostly this)."""
+    packed = cpu_kernels.ops().pack_q4_blocks(raw.contiguous(), qtype == "Q4_1")
+    return packed if packed.numel() else None
 
 
 def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:

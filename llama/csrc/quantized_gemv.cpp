@@ -12,6 +12,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -171,9 +173,51 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Te
   return y;
 }
 
+// GGUF's Q4_0 / Q4_1 blocks (rows, groups * 18 or 20 bytes: fp16 d, [fp16 m,] 16 code bytes) in the
+// int4 layout above: (rows / 16, groups, 320). A block's code byte t pairs input t (low nibble) with
+// 16 + t (high), as the layout does, so packing moves 4-byte words and fp16 values and reads no code;
+// Q4_0's min is -8 d. Returns an empty tensor when a scale or min is not finite in fp16 (the
+// caller then takes the general path).
+at::Tensor pack_q4_blocks(const at::Tensor& raw, bool has_min) {
+  const int64_t block_bytes = has_min ? 20 : 18;
+  TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == at::kByte && raw.is_contiguous(),
+              "pack_q4_blocks: raw must be a contiguous 2-d uint8 tensor");
+  const int64_t rows = raw.size(0), groups = raw.size(1) / block_bytes;
+  TORCH_CHECK(rows % kRows == 0 && raw.size(1) == groups * block_bytes,
+              "pack_q4_blocks: rows must be a multiple of 16 and each row whole blocks");
+  at::Tensor packed = at::empty({rows / kRows, groups, kInt4Block}, raw.options());
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, rows / kRows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t g = 0; g < groups; ++g) {
+        uint8_t* out = dst + (b * groups + g) * kInt4Block;
+        for (int64_t j = 0; j < kRows; ++j) {
+          const uint8_t* block = src + ((b * kRows + j) * groups + g) * block_bytes;
+          const uint8_t* codes = block + block_bytes - 16;
+          for (int64_t s = 0; s < 4; ++s) std::memcpy(out + (s * kRows + j) * 4, codes + 4 * s, 4);
+          uint16_t d, m;
+          std::memcpy(&d, block, 2);
+          if (has_min) {
+            std::memcpy(&m, block + 2, 2);
+          } else {
+            m = _cvtss_sh(-8.f * _cvtsh_ss(d), _MM_FROUND_TO_NEAREST_INT);
+          }
+          if ((d & 0x7C00) == 0x7C00 || (m & 0x7C00) == 0x7C00) finite = false;
+          std::memcpy(out + 256 + 2 * j, &d, 2);
+          std::memcpy(out + 288 + 2 * j, &m, 2);
+        }
+      }
+    }
+  });
+  return finite ? packed : at::empty({0}, raw.options());
+}
+
 }  // namespace
 
 LLAMA_LIBRARY_IMPL(LLAMA_OPS, CPU, lib) {
   lib.impl("int4_gemv", &int4_gemv);
   lib.impl("int8_gemv", &int8_gemv);
+  lib.impl("pack_q4_blocks", &pack_q4_blocks);
 }
