@@ -115,3 +115,19 @@ def test_every_lossless_lever_on_two_ranks_matches_one_plain_rank(llama31_ckpts,
 def test_bad_lever_values_are_refused(llama31_ckpts, levers, message):
     with pytest.raises(ValueError, match=message):
         build(llama31_ckpts[1], **levers)
+
+
+def test_compiled_code_is_kept_in_the_per_user_cache_even_once_dynamo_is_imported(tmp_path):
+    """Importing torch._dynamo fixes Inductor's cache folder (in /tmp unless set): importing llama
+    points it at $XDG_CACHE_HOME/llama-runner/torchinductor first, as README says."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    code = ("import llama, torch._dynamo\n"
+            "from torch._inductor.runtime.cache_dir_utils import cache_dir\n"
+            "print(cache_dir())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(tmp_path / "llama-runner" / "torchinductor")
