@@ -102,6 +102,9 @@ def main(
                     prefix_reuse=bool(prefix_reuse),
                     vocabulary=Vocabulary(llama.tokenizer, llama.model.params.vocab_size))
     if is_main_process():
+        # Each token's bytes, which streaming reads: a Hugging Face tokenizer builds the table on
+        # first use (~0.5 s on the event loop, holding the GIL), so the first burst's streams paid it.
+        llama.tokenizer.token_pieces()
         serve(llama, engine, str(host), port, model_name, api_key, max_queue, origins, tools)
     else:
         ignore_signals_until_rank0_stops()
