@@ -170,6 +170,14 @@ async def send(client, url: str, model: str, prompt, max_tokens: int, api: str) 
             "tokens": len(pieces) if usage is None else usage, "text": "".join(pieces)}
 
 
+def fresh_connections(clients: int):
+    """A new connection per request: llama-server closes idle kept-alive connections on its own,
+    and a request sent on one just closed fails without an answer."""
+    import httpx
+
+    return httpx.Limits(max_connections=clients, max_keepalive_connections=0)
+
+
 def as_prompt(text: str, api: str):
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}] if api == "chat" else text
 
@@ -187,7 +195,7 @@ async def drive(url: str, model: str, requests: List[Tuple[str, int]], clients: 
             i, (prompt, max_tokens) = queue.pop(0)
             records[i] = await send(client, url, model, as_prompt(prompt, api), max_tokens, api)
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients)) as client:
+    async with httpx.AsyncClient(timeout=600, limits=fresh_connections(clients)) as client:
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
         wall = time.perf_counter() - start
@@ -211,7 +219,7 @@ async def drive_chats(url: str, model: str, openings: List[str], turns: int, max
             records.append({**record, "turn": turn})
         return records
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(openings))) as client:
+    async with httpx.AsyncClient(timeout=600, limits=fresh_connections(len(openings))) as client:
         start = time.perf_counter()
         chats = await asyncio.gather(*(chat(client, opening) for opening in openings))
         wall = time.perf_counter() - start
