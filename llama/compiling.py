@@ -34,7 +34,8 @@ def compile_by_default(compile: Optional[bool], long_running: bool) -> bool:
 def use_persistent_compile_cache() -> Path:
     """Keeps PyTorch's on-disk compile caches in ~/.cache/llama-runner/torchinductor (or
     $XDG_CACHE_HOME/...) rather than in /tmp, unless TORCHINDUCTOR_CACHE_DIR is already set.
-    Returns the folder. Safe to call more than once."""
+    Returns the folder. Importing llama calls it, before anything imports torch._dynamo (which
+    sets the variable to PyTorch's /tmp default)."""
     if CACHE_ENV not in os.environ:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         os.environ[CACHE_ENV] = str(base / "llama-runner" / "torchinductor")
@@ -81,7 +82,6 @@ class CompiledDecode:
 
     def __init__(self, model, pad_widths: Optional[bool] = None):
         """pad_widths: pad the batch to padded_widths() (default: on CUDA only)."""
-        use_persistent_compile_cache()
         weight = model.norm.weight
         self.device = weight.device
         self.max_batch_size = model.params.max_batch_size

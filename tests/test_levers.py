@@ -2,6 +2,9 @@
 prompts together (against Meta's reference loop). Greedy, fp32: tokens equal, logprobs close."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -120,10 +123,6 @@ def test_bad_lever_values_are_refused(llama31_ckpts, levers, message):
 def test_compiled_code_is_kept_in_the_per_user_cache_even_once_dynamo_is_imported(tmp_path):
     """Importing torch._dynamo fixes Inductor's cache folder (in /tmp unless set): importing llama
     points it at $XDG_CACHE_HOME/llama-runner/torchinductor first, as README says."""
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env["XDG_CACHE_HOME"] = str(tmp_path)
     code = ("import llama, torch._dynamo\n"
